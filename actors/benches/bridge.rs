@@ -1,0 +1,3 @@
+//! Bridge benchmark (placeholder until the benchmark lands).
+
+fn main() {}

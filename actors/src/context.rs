@@ -1,0 +1,143 @@
+//! What a handler sees of its job (`JobContext`), and the small piece of
+//! state a running attempt shares between its worker thread and the
+//! Dispatcher (`AttemptShared`): who decided the attempt's outcome, and the
+//! waiter that the worker may answer directly.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Instant;
+
+use crate::job::JobId;
+use crate::reply::DirectReply;
+
+/// The outcome of an attempt has not been claimed yet: the handler runs.
+const RUNNING: u8 = 0;
+/// The worker claimed the outcome: the handler returned first.
+const FINISHED: u8 = 1;
+/// The Dispatcher claimed it: cancelled by a caller.
+const CANCELLED: u8 = 2;
+/// The Dispatcher claimed it: the attempt passed its deadline.
+const TIMED_OUT: u8 = 3;
+/// The Dispatcher claimed it: the runtime is shutting down past its deadline.
+const ABANDONED: u8 = 4;
+
+/// Who ended an attempt, when the Dispatcher did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Interrupt {
+    Cancelled,
+    TimedOut,
+    Abandoned,
+}
+
+/// Shared between one running attempt's worker and the Dispatcher. Exactly
+/// one side wins `claim_*`; the winner decides the outcome and answers the
+/// direct waiter. This is what lets a worker reply to a caller without a
+/// hop through the Dispatcher and still never double-answer a timed-out job.
+pub(crate) struct AttemptShared {
+    /// The job this attempt belongs to.
+    pub(crate) id: JobId,
+    /// 1-based attempt number.
+    pub(crate) attempt: u32,
+    /// True when no retry follows a failure: the worker may then answer the
+    /// direct waiter with the failure too.
+    pub(crate) last_attempt: bool,
+    /// When the attempt's timeout fires, if it has one.
+    pub(crate) deadline: Option<Instant>,
+    /// One of RUNNING, FINISHED, CANCELLED, TIMED_OUT, ABANDONED.
+    status: AtomicU8,
+    /// A caller blocked on this job's outcome (`Handle::call`), answered by
+    /// whichever side claims the outcome.
+    pub(crate) direct: Mutex<Option<DirectReply>>,
+}
+
+impl AttemptShared {
+    pub(crate) fn new(
+        id: JobId,
+        attempt: u32,
+        last_attempt: bool,
+        deadline: Option<Instant>,
+        direct: Option<DirectReply>,
+    ) -> Self {
+        AttemptShared {
+            id,
+            attempt,
+            last_attempt,
+            deadline,
+            status: AtomicU8::new(RUNNING),
+            direct: Mutex::new(direct),
+        }
+    }
+
+    /// The worker's claim: true if the handler's outcome stands.
+    pub(crate) fn claim_finished(&self) -> bool {
+        self.status
+            .compare_exchange(RUNNING, FINISHED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The Dispatcher's claim: true if it ended the attempt first.
+    pub(crate) fn claim_interrupt(&self, why: Interrupt) -> bool {
+        let code = match why {
+            Interrupt::Cancelled => CANCELLED,
+            Interrupt::TimedOut => TIMED_OUT,
+            Interrupt::Abandoned => ABANDONED,
+        };
+        self.status
+            .compare_exchange(RUNNING, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Take the direct waiter, if it is still there.
+    pub(crate) fn take_direct(&self) -> Option<DirectReply> {
+        // A poisoned lock means a thread panicked while moving a reply in or
+        // out; the Option inside is still consistent, so use it.
+        match self.direct.lock() {
+            Ok(mut g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        }
+    }
+
+    fn interrupted(&self) -> bool {
+        self.status.load(Ordering::Acquire) >= CANCELLED
+    }
+}
+
+/// What a handler knows about the job it runs.
+///
+/// A synchronous handler cannot be preempted: when its job is cancelled or
+/// passes its deadline, the waiters are answered at once and
+/// [`is_cancelled`](JobContext::is_cancelled) turns true, but the worker
+/// thread stays busy until the handler returns. Long handlers should poll
+/// `is_cancelled()` (or compare `deadline()` with the clock) and return early.
+pub struct JobContext<'a> {
+    pub(crate) shared: &'a AttemptShared,
+    pub(crate) pool: &'a str,
+}
+
+impl JobContext<'_> {
+    /// The job's id.
+    pub fn id(&self) -> JobId {
+        self.shared.id
+    }
+
+    /// The attempt number, 1 for the first run.
+    pub fn attempt(&self) -> u32 {
+        self.shared.attempt
+    }
+
+    /// The pool this attempt runs on.
+    pub fn pool(&self) -> &str {
+        self.pool
+    }
+
+    /// When this attempt times out, if it has a timeout.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.shared.deadline
+    }
+
+    /// True once the job was cancelled, timed out, or abandoned by a
+    /// shutdown: the result will be thrown away, so stop as soon as you can.
+    pub fn is_cancelled(&self) -> bool {
+        self.shared.interrupted() || self.shared.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}

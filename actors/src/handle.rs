@@ -1,0 +1,476 @@
+//! `Handle`: the way into a running jobd runtime, for plain threads (methods
+//! that block with a timeout, on crossbeam channels) and for async code
+//! (`*_async` methods: futures that never block a thread). Also the general
+//! bridge: `send` a message to any actor of the System, or `run` a future on
+//! it, from a plain thread.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use actix::dev::ToEnvelope;
+use actix::{Actor, Addr, Handler, Message};
+use actix_rt::ArbiterHandle;
+use crossbeam_channel::{RecvTimeoutError, bounded};
+use futures::channel::oneshot;
+use futures::future::{AbortHandle, Abortable};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::dispatcher::{
+    Dispatcher, ListPage, ListQuery, Query, Submit, SubmitAck, SubmitBatch, Wait, WaitAny,
+    outcome_of,
+};
+use crate::error::JobError;
+use crate::job::{JobId, JobOptions, JobRecord, JobSpec};
+use crate::reply::{Outcome, Reply};
+use crate::stats::StatsSnapshot;
+
+/// A cheap, cloneable way into the runtime, usable from any thread.
+#[derive(Clone)]
+pub struct Handle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The Dispatcher, owner of all job state.
+    dispatcher: Addr<Dispatcher>,
+    /// The System arbiter, where bridged futures run.
+    arbiter: ArbiterHandle,
+    /// Next job id. Allocated here so a caller knows its job's id without a
+    /// round trip (needed to cancel a `call` that timed out).
+    next_id: Arc<AtomicU64>,
+}
+
+/// Refuse to block on an actix arbiter thread: the reply would have to be
+/// produced by the very event loop we would be blocking.
+fn refuse_on_arbiter() -> Result<(), JobError> {
+    if actix_rt::Arbiter::try_current().is_some() {
+        Err(JobError::OnArbiterThread)
+    } else {
+        Ok(())
+    }
+}
+
+fn encode<I: Serialize + ?Sized>(input: &I) -> Result<Value, JobError> {
+    serde_json::to_value(input).map_err(|e| JobError::Payload(format!("cannot encode input: {e}")))
+}
+
+fn decode<O: DeserializeOwned>(v: Value) -> Result<O, JobError> {
+    serde_json::from_value(v).map_err(|e| JobError::Payload(format!("cannot decode result: {e}")))
+}
+
+/// Block on a sync reply channel with a timeout.
+fn recv<T>(
+    rx: &crossbeam_channel::Receiver<T>,
+    timeout: Duration,
+    id: Option<JobId>,
+) -> Result<T, JobError> {
+    match rx.recv_timeout(timeout) {
+        Ok(v) => Ok(v),
+        Err(RecvTimeoutError::Timeout) => Err(JobError::WaitTimeout {
+            id,
+            waited_ms: timeout.as_millis() as u64,
+        }),
+        Err(RecvTimeoutError::Disconnected) => Err(JobError::RuntimeGone),
+    }
+}
+
+/// Await an async reply; a dropped sender means the runtime is gone.
+async fn recv_async<T>(rx: oneshot::Receiver<T>) -> Result<T, JobError> {
+    rx.await.map_err(|_| JobError::RuntimeGone)
+}
+
+impl Handle {
+    pub(crate) fn new(
+        dispatcher: Addr<Dispatcher>,
+        arbiter: ArbiterHandle,
+        next_id: Arc<AtomicU64>,
+    ) -> Self {
+        Handle {
+            inner: Arc::new(Inner {
+                dispatcher,
+                arbiter,
+                next_id,
+            }),
+        }
+    }
+
+    fn alloc_id(&self) -> JobId {
+        JobId(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// A sync request/response with the Dispatcher.
+    fn query<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Query,
+        timeout: Duration,
+    ) -> Result<T, JobError> {
+        refuse_on_arbiter()?;
+        let (tx, rx) = bounded(1);
+        self.inner.dispatcher.do_send(make(Reply::sync(tx)));
+        recv(&rx, timeout, None)
+    }
+
+    /// An async request/response with the Dispatcher.
+    async fn query_async<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Query,
+    ) -> Result<T, JobError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.dispatcher.do_send(make(Reply::future(tx)));
+        recv_async(rx).await
+    }
+
+    // ----- jobs, blocking ----------------------------------------------------
+
+    /// Run a job of `kind` and block until its result, at most `timeout`.
+    ///
+    /// If the timeout passes first, the job is cancelled (nobody is left to
+    /// take its result) and `WaitTimeout` is returned. The worker answers
+    /// this call directly, without a hop through the Dispatcher.
+    pub fn call<I, O>(&self, kind: &str, input: &I, timeout: Duration) -> Result<O, JobError>
+    where
+        I: Serialize + ?Sized,
+        O: DeserializeOwned,
+    {
+        self.call_with(kind, input, JobOptions::default(), timeout)
+    }
+
+    /// `call` with submission options.
+    pub fn call_with<I, O>(
+        &self,
+        kind: &str,
+        input: &I,
+        options: JobOptions,
+        timeout: Duration,
+    ) -> Result<O, JobError>
+    where
+        I: Serialize + ?Sized,
+        O: DeserializeOwned,
+    {
+        refuse_on_arbiter()?;
+        let payload = encode(input)?;
+        let id = self.alloc_id();
+        let (tx, rx) = bounded::<Outcome>(1);
+        self.inner.dispatcher.do_send(Submit {
+            id,
+            spec: JobSpec {
+                kind: kind.to_string(),
+                payload,
+                options,
+            },
+            ack: None,
+            direct: Some(Reply::sync(tx)),
+        });
+        match recv(&rx, timeout, Some(id)) {
+            Ok(outcome) => decode(outcome?),
+            Err(e @ JobError::WaitTimeout { .. }) => {
+                self.inner
+                    .dispatcher
+                    .do_send(Query::Cancel(id, Reply::with(|_| {})));
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Submit a job and return its id once it is admitted (and, with a
+    /// durable store, committed).
+    pub fn submit<I>(&self, kind: &str, input: &I, options: JobOptions) -> Result<JobId, JobError>
+    where
+        I: Serialize + ?Sized,
+    {
+        self.submit_spec(JobSpec {
+            kind: kind.to_string(),
+            payload: encode(input)?,
+            options,
+        })
+        .map(|ack| ack.id)
+    }
+
+    /// Submit a job given as a spec; the full admission answer.
+    pub fn submit_spec(&self, spec: JobSpec) -> Result<SubmitAck, JobError> {
+        refuse_on_arbiter()?;
+        let (tx, rx) = bounded(1);
+        self.inner.dispatcher.do_send(Submit {
+            id: self.alloc_id(),
+            spec,
+            ack: Some(Reply::sync(tx)),
+            direct: None,
+        });
+        rx.recv().map_err(|_| JobError::RuntimeGone)?
+    }
+
+    /// Block until job `id` is final, then its typed result (or why not).
+    pub fn wait<O: DeserializeOwned>(&self, id: JobId, timeout: Duration) -> Result<O, JobError> {
+        let rec = self.wait_record(id, timeout)?;
+        decode(outcome_of(&rec)?)
+    }
+
+    /// Block until job `id` is final, then its record, whatever the outcome.
+    pub fn wait_record(&self, id: JobId, timeout: Duration) -> Result<JobRecord, JobError> {
+        refuse_on_arbiter()?;
+        let (tx, rx) = bounded(1);
+        self.inner.dispatcher.do_send(Wait {
+            id,
+            reply: Reply::sync(tx),
+        });
+        recv(&rx, timeout, Some(id))?
+    }
+
+    /// Block until any of `ids` is final; the record of the first one.
+    pub fn wait_any(&self, ids: &[JobId], timeout: Duration) -> Result<JobRecord, JobError> {
+        refuse_on_arbiter()?;
+        if ids.is_empty() {
+            return Err(JobError::BadRequest(
+                "wait_any needs at least one id".into(),
+            ));
+        }
+        let (tx, rx) = bounded(1);
+        self.inner.dispatcher.do_send(WaitAny {
+            ids: ids.to_vec(),
+            reply: Reply::sync(tx),
+        });
+        recv(&rx, timeout, None)?
+    }
+
+    /// Cancel a job: a queued one never runs, a running one is told to stop
+    /// (`ctx.is_cancelled()`) and its waiters are answered at once.
+    pub fn cancel(&self, id: JobId) -> Result<JobRecord, JobError> {
+        self.query(|r| Query::Cancel(id, r), OP_TIMEOUT)?
+    }
+
+    /// A job's record.
+    pub fn status(&self, id: JobId) -> Result<JobRecord, JobError> {
+        self.query(|r| Query::Status(id, r), OP_TIMEOUT)?
+    }
+
+    /// Queue a failed or dead job again with fresh attempts.
+    pub fn retry(&self, id: JobId) -> Result<JobRecord, JobError> {
+        self.query(|r| Query::Retry(id, r), OP_TIMEOUT)?
+    }
+
+    /// Counters, gauges and latency percentiles.
+    pub fn stats(&self) -> Result<StatsSnapshot, JobError> {
+        self.query(Query::Stats, OP_TIMEOUT)
+    }
+
+    /// Jobs matching a filter, one page.
+    pub fn list(&self, q: ListQuery) -> Result<ListPage, JobError> {
+        self.query(|r| Query::List(q, r), OP_TIMEOUT)
+    }
+
+    /// Pause (`true`) or resume (`false`) a pool.
+    pub fn set_paused(&self, pool: &str, paused: bool) -> Result<(), JobError> {
+        self.query(|r| Query::Pause(pool.to_string(), paused, r), OP_TIMEOUT)?
+    }
+
+    // ----- jobs, async -------------------------------------------------------
+
+    /// Async `call`: resolves with the job's typed result. Dropping the
+    /// future does not cancel the job.
+    pub async fn call_async<I, O>(
+        &self,
+        kind: &str,
+        input: &I,
+        options: JobOptions,
+    ) -> Result<O, JobError>
+    where
+        I: Serialize + ?Sized,
+        O: DeserializeOwned,
+    {
+        let payload = encode(input)?;
+        let (tx, rx) = oneshot::channel::<Outcome>();
+        self.inner.dispatcher.do_send(Submit {
+            id: self.alloc_id(),
+            spec: JobSpec {
+                kind: kind.to_string(),
+                payload,
+                options,
+            },
+            ack: None,
+            direct: Some(Reply::future(tx)),
+        });
+        decode(recv_async(rx).await??)
+    }
+
+    /// Async `submit_spec`.
+    pub async fn submit_async(&self, spec: JobSpec) -> Result<SubmitAck, JobError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.dispatcher.do_send(Submit {
+            id: self.alloc_id(),
+            spec,
+            ack: Some(Reply::future(tx)),
+            direct: None,
+        });
+        recv_async(rx).await?
+    }
+
+    /// Async submit of several jobs, all or nothing.
+    pub async fn submit_batch_async(
+        &self,
+        specs: Vec<JobSpec>,
+    ) -> Result<Vec<SubmitAck>, JobError> {
+        let (tx, rx) = oneshot::channel();
+        let jobs = specs.into_iter().map(|s| (self.alloc_id(), s)).collect();
+        self.inner.dispatcher.do_send(SubmitBatch {
+            jobs,
+            reply: Reply::future(tx),
+        });
+        recv_async(rx).await?
+    }
+
+    /// Submit several jobs, all or nothing (blocking).
+    pub fn submit_batch(&self, specs: Vec<JobSpec>) -> Result<Vec<SubmitAck>, JobError> {
+        refuse_on_arbiter()?;
+        let (tx, rx) = bounded(1);
+        let jobs = specs.into_iter().map(|s| (self.alloc_id(), s)).collect();
+        self.inner.dispatcher.do_send(SubmitBatch {
+            jobs,
+            reply: Reply::sync(tx),
+        });
+        rx.recv().map_err(|_| JobError::RuntimeGone)?
+    }
+
+    /// Async `wait_record`: resolves once the job is final.
+    pub async fn wait_async(&self, id: JobId) -> Result<JobRecord, JobError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.dispatcher.do_send(Wait {
+            id,
+            reply: Reply::future(tx),
+        });
+        recv_async(rx).await?
+    }
+
+    /// Async `wait_any`.
+    pub async fn wait_any_async(&self, ids: Vec<JobId>) -> Result<JobRecord, JobError> {
+        if ids.is_empty() {
+            return Err(JobError::BadRequest(
+                "wait_any needs at least one id".into(),
+            ));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inner.dispatcher.do_send(WaitAny {
+            ids,
+            reply: Reply::future(tx),
+        });
+        recv_async(rx).await?
+    }
+
+    /// Async `cancel`.
+    pub async fn cancel_async(&self, id: JobId) -> Result<JobRecord, JobError> {
+        self.query_async(|r| Query::Cancel(id, r)).await?
+    }
+
+    /// Async `status`.
+    pub async fn status_async(&self, id: JobId) -> Result<JobRecord, JobError> {
+        self.query_async(|r| Query::Status(id, r)).await?
+    }
+
+    /// Async `retry`.
+    pub async fn retry_async(&self, id: JobId) -> Result<JobRecord, JobError> {
+        self.query_async(|r| Query::Retry(id, r)).await?
+    }
+
+    /// Async `stats`.
+    pub async fn stats_async(&self) -> Result<StatsSnapshot, JobError> {
+        self.query_async(Query::Stats).await
+    }
+
+    /// Async `list`.
+    pub async fn list_async(&self, q: ListQuery) -> Result<ListPage, JobError> {
+        self.query_async(|r| Query::List(q, r)).await
+    }
+
+    /// Async pause (`true`) or resume (`false`).
+    pub async fn set_paused_async(&self, pool: &str, paused: bool) -> Result<(), JobError> {
+        let pool = pool.to_string();
+        self.query_async(|r| Query::Pause(pool, paused, r)).await?
+    }
+
+    /// Start the shutdown drain; resolves when the System is stopping.
+    pub(crate) fn begin_shutdown(&self, deadline: Instant) -> crossbeam_channel::Receiver<()> {
+        let (tx, rx) = bounded(1);
+        self.inner
+            .dispatcher
+            .do_send(Query::Shutdown(deadline, Reply::sync(tx)));
+        rx
+    }
+
+    /// Async shutdown request, for code that runs on the System itself (the
+    /// daemon's signal handler): stop admitting, drain running jobs until
+    /// `deadline`, answer every waiter, then stop the System.
+    pub async fn shutdown_async(&self, deadline: Instant) {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .dispatcher
+            .do_send(Query::Shutdown(deadline, Reply::future(tx)));
+        let _ = rx.await;
+    }
+
+    // ----- the general bridge ------------------------------------------------
+
+    /// From a plain thread, send `msg` to any actor of the embedded System and
+    /// block for its reply, at most `timeout`.
+    pub fn send<A, M>(
+        &self,
+        addr: &Addr<A>,
+        msg: M,
+        timeout: Duration,
+    ) -> Result<M::Result, JobError>
+    where
+        A: Actor + Handler<M>,
+        A::Context: ToEnvelope<A, M>,
+        M: Message + Send + 'static,
+        M::Result: Send,
+    {
+        refuse_on_arbiter()?;
+        let (tx, rx) = bounded(1);
+        let request = addr.send(msg);
+        let spawned = self.inner.arbiter.spawn(async move {
+            let _ = tx.send(request.await);
+        });
+        if !spawned {
+            return Err(JobError::RuntimeGone);
+        }
+        recv(&rx, timeout, None)?.map_err(|_| JobError::RuntimeGone)
+    }
+
+    /// From a plain thread, build a future on the System thread with `make`,
+    /// run it there and block for its output, at most `timeout`. At the
+    /// deadline the future is dropped (never left running) and `WaitTimeout`
+    /// returned. `make` is `Send`; the future it builds need not be, so it may
+    /// use actix actors and `actix_rt` freely.
+    pub fn run<F, Fut, T>(&self, make: F, timeout: Duration) -> Result<T, JobError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
+        refuse_on_arbiter()?;
+        let (tx, rx) = bounded(1);
+        let (abort, registration) = AbortHandle::new_pair();
+        let spawned = self.inner.arbiter.spawn_fn(move || {
+            actix_rt::spawn(async move {
+                if let Ok(out) = Abortable::new(make(), registration).await {
+                    let _ = tx.send(out);
+                }
+            });
+        });
+        if !spawned {
+            return Err(JobError::RuntimeGone);
+        }
+        let out = recv(&rx, timeout, None);
+        if out.is_err() {
+            abort.abort();
+        }
+        out
+    }
+}
+
+/// Upper bound for a simple state query (status, cancel, stats…). The
+/// Dispatcher never blocks, so hitting it means the runtime is wedged.
+const OP_TIMEOUT: Duration = Duration::from_secs(30);

@@ -1,0 +1,232 @@
+//! Pools: named `SyncArbiter`s of `Worker` sync actors. A worker runs one
+//! job attempt at a time under `catch_unwind`, answers a direct waiter when
+//! it owns the outcome, then reports to the Dispatcher (which hands it the
+//! next job: credit-based dispatch). Workers never queue work themselves.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::{Actor, Addr, Handler, Message, SyncArbiter, SyncContext};
+use serde_json::Value;
+
+use crate::context::{AttemptShared, JobContext};
+use crate::dispatcher::{AttemptDone, Dispatcher};
+use crate::error::JobError;
+use crate::job::JobState;
+use crate::registry::RawHandler;
+
+/// Declared shape of one pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Pool name; threads are called `jobd-<name>-<n>`.
+    pub name: String,
+    /// Worker threads.
+    pub threads: usize,
+    /// Jobs that may wait (queued or delayed) in this pool before submits
+    /// fail with `QueueFull`.
+    pub max_queued: usize,
+}
+
+impl PoolConfig {
+    /// A pool with `threads` workers and the default `max_queued` (10,000).
+    pub fn new(name: impl Into<String>, threads: usize) -> Self {
+        PoolConfig {
+            name: name.into(),
+            threads,
+            max_queued: 10_000,
+        }
+    }
+}
+
+/// Why an attempt did not produce a result.
+#[derive(Debug, Clone)]
+pub(crate) enum Failure {
+    /// The handler returned an error.
+    Error(String),
+    /// The handler panicked.
+    Panic(String),
+}
+
+impl Failure {
+    pub(crate) fn message(&self) -> String {
+        match self {
+            Failure::Error(m) => m.clone(),
+            Failure::Panic(m) => format!("panicked: {m}"),
+        }
+    }
+}
+
+/// One attempt for a worker to run.
+pub(crate) struct RunJob {
+    pub(crate) shared: Arc<AttemptShared>,
+    pub(crate) handler: RawHandler,
+    pub(crate) payload: Arc<Value>,
+}
+
+impl Message for RunJob {
+    type Result = ();
+}
+
+/// Counts live worker threads so shutdown can wait for them: actix detaches
+/// SyncArbiter threads, so nothing else can.
+#[derive(Clone, Default)]
+pub(crate) struct ThreadCount(Arc<(Mutex<usize>, Condvar)>);
+
+impl ThreadCount {
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        // Only this module touches the counter and never panics holding it.
+        match self.0.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Count `n` threads about to be spawned. Counting before the spawn
+    /// (not in the thread) means a shutdown right after start still waits.
+    fn add(&self, n: usize) {
+        *self.lock() += n;
+    }
+
+    /// Wait until no worker is alive or the deadline passes; the number
+    /// still alive.
+    pub(crate) fn wait_zero(&self, deadline: Instant) -> usize {
+        let mut n = self.lock();
+        while *n > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            n = match self.0.1.wait_timeout(n, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        *n
+    }
+}
+
+/// Held by each worker for the life of its thread.
+struct ThreadGuard(ThreadCount);
+
+impl Drop for ThreadGuard {
+    fn drop(&mut self) {
+        let mut n = self.0.lock();
+        *n -= 1;
+        self.0.0.1.notify_all();
+    }
+}
+
+/// A pool thread's actor.
+pub(crate) struct Worker {
+    /// Name of the pool, shown to handlers.
+    pool: Arc<str>,
+    /// Where finished attempts are reported.
+    dispatcher: Addr<Dispatcher>,
+    /// Index of the pool in the Dispatcher's table.
+    pool_index: usize,
+    /// Keeps the live-thread count up while this worker exists.
+    _guard: ThreadGuard,
+}
+
+impl Actor for Worker {
+    type Context = SyncContext<Self>;
+}
+
+impl Handler<RunJob> for Worker {
+    type Result = ();
+
+    fn handle(&mut self, job: RunJob, _: &mut SyncContext<Self>) {
+        let started = Instant::now();
+        let ctx = JobContext {
+            shared: &job.shared,
+            pool: &self.pool,
+        };
+        let outcome = match catch_unwind(AssertUnwindSafe(|| (job.handler)(&ctx, &job.payload))) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(m)) => Err(Failure::Error(m)),
+            Err(panic) => Err(Failure::Panic(panic_message(panic.as_ref()))),
+        };
+        let run_time = started.elapsed();
+        let shared = &job.shared;
+        let claimed = shared.claim_finished();
+        if claimed
+            && (outcome.is_ok() || shared.last_attempt)
+            && let Some(reply) = shared.take_direct()
+        {
+            reply.send(match &outcome {
+                Ok(v) => Ok(v.clone()),
+                Err(f) => Err(final_error(shared, f)),
+            });
+        }
+        self.dispatcher.do_send(AttemptDone {
+            id: shared.id,
+            attempt: shared.attempt,
+            pool: self.pool_index,
+            outcome,
+            claimed,
+            run_time,
+        });
+    }
+}
+
+/// The error a waiter gets when the last attempt failed this way.
+pub(crate) fn final_error(shared: &AttemptShared, f: &Failure) -> JobError {
+    match f {
+        Failure::Panic(m) => JobError::Panicked {
+            id: shared.id,
+            message: m.clone(),
+        },
+        Failure::Error(m) => JobError::Failed {
+            id: shared.id,
+            message: m.clone(),
+            state: if shared.attempt > 1 {
+                JobState::Dead
+            } else {
+                JobState::Failed
+            },
+        },
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+/// Start a pool's SyncArbiter. Must run inside the actix System.
+pub(crate) fn start_pool(
+    cfg: &PoolConfig,
+    pool_index: usize,
+    dispatcher: Addr<Dispatcher>,
+    threads: ThreadCount,
+) -> Addr<Worker> {
+    let name: Arc<str> = Arc::from(cfg.name.as_str());
+    let counter = AtomicUsize::new(0);
+    threads.add(cfg.threads);
+    let thread_name = name.clone();
+    SyncArbiter::start_with_thread_builder(
+        cfg.threads,
+        move || {
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            std::thread::Builder::new().name(format!("jobd-{thread_name}-{n}"))
+        },
+        move || Worker {
+            pool: name.clone(),
+            dispatcher: dispatcher.clone(),
+            pool_index,
+            // Workers are never stopped (panics are caught), so actix calls
+            // this factory exactly once per thread: one guard per add().
+            _guard: ThreadGuard(threads.clone()),
+        },
+    )
+}
+
+/// How long a shutdown waits for threads that already left their loop.
+pub(crate) const THREAD_EXIT_GRACE: Duration = Duration::from_secs(2);

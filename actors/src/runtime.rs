@@ -1,0 +1,259 @@
+//! `Runtime`: declare pools and handlers with the builder, `start()` the
+//! actix System on its own thread, get a `Handle`, and `shutdown()` with a
+//! deadline (also on drop). The runtime joins every thread it started.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use actix::AsyncContext;
+use crossbeam_channel::bounded;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::context::JobContext;
+use crate::dispatcher::{Dispatcher, Heartbeat, HeartbeatFn, PoolState, Retention};
+use crate::error::{ShutdownError, StartError};
+use crate::handle::Handle;
+use crate::pool::{PoolConfig, THREAD_EXIT_GRACE, ThreadCount, start_pool};
+use crate::registry::{Kind, KindOptions, RawHandler, Registry, erase};
+
+/// Name of the pool that always exists.
+pub const DEFAULT_POOL: &str = "default";
+
+/// Declares pools and handlers, then starts the runtime.
+pub struct RuntimeBuilder {
+    pools: Vec<PoolConfig>,
+    kinds: HashMap<String, Kind>,
+    retention: Retention,
+    heartbeat: Option<(Duration, HeartbeatFn)>,
+    errors: Vec<String>,
+}
+
+impl RuntimeBuilder {
+    fn new() -> Self {
+        RuntimeBuilder {
+            pools: Vec::new(),
+            kinds: HashMap::new(),
+            retention: Retention::default(),
+            heartbeat: None,
+            errors: Vec::new(),
+        }
+    }
+
+    /// Declare a pool of `threads` workers (default `max_queued`).
+    pub fn pool(self, name: &str, threads: usize) -> Self {
+        self.pool_config(PoolConfig::new(name, threads))
+    }
+
+    /// Declare a pool with every setting. Declaring a name twice replaces
+    /// the earlier declaration.
+    pub fn pool_config(mut self, cfg: PoolConfig) -> Self {
+        if cfg.threads == 0 {
+            self.errors
+                .push(format!("pool '{}' needs at least one thread", cfg.name));
+        }
+        self.pools.retain(|p| p.name != cfg.name);
+        self.pools.push(cfg);
+        self
+    }
+
+    /// Register a typed handler for `kind`, run on `pool`. Input and output
+    /// go through serde; a payload that does not decode fails the job.
+    pub fn handler<I, O, E, F>(self, kind: &str, pool: &str, f: F) -> Self
+    where
+        I: DeserializeOwned,
+        O: Serialize,
+        E: Display,
+        F: Fn(&JobContext<'_>, I) -> Result<O, E> + Send + Sync + 'static,
+    {
+        self.kind(kind, pool, KindOptions::default(), erase(f))
+    }
+
+    /// Register a JSON handler for `kind` with its defaults.
+    pub fn kind(
+        mut self,
+        kind: &str,
+        pool: &str,
+        options: KindOptions,
+        handler: RawHandler,
+    ) -> Self {
+        if options.max_attempts == 0 {
+            self.errors
+                .push(format!("kind '{kind}': max_attempts must be at least 1"));
+        }
+        self.kinds.insert(
+            kind.to_string(),
+            Kind {
+                pool: pool.to_string(),
+                options,
+                handler,
+            },
+        );
+        self
+    }
+
+    /// Like `kind`, from a closure over JSON values.
+    pub fn raw_handler<F>(self, kind: &str, pool: &str, options: KindOptions, f: F) -> Self
+    where
+        F: Fn(&JobContext<'_>, &Value) -> Result<Value, String> + Send + Sync + 'static,
+    {
+        self.kind(kind, pool, options, Arc::new(f))
+    }
+
+    /// How long and how many finished jobs are kept.
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Run `f` every `every` on the Dispatcher's own event loop (for
+    /// watchdogs and status lines: a stalled loop stops the calls).
+    pub fn heartbeat(mut self, every: Duration, f: impl FnMut(Heartbeat) + Send + 'static) -> Self {
+        self.heartbeat = Some((every, Box::new(f)));
+        self
+    }
+
+    /// Start the actix System on its own thread, start every pool and the
+    /// Dispatcher, and return once they are ready.
+    pub fn start(mut self) -> Result<Runtime, StartError> {
+        if !self.pools.iter().any(|p| p.name == DEFAULT_POOL) {
+            let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+            self.pools.push(PoolConfig::new(DEFAULT_POOL, n));
+        }
+        for (name, k) in &self.kinds {
+            if !self.pools.iter().any(|p| p.name == k.pool) {
+                self.errors.push(format!(
+                    "kind '{name}' names pool '{}', which is not declared",
+                    k.pool
+                ));
+            }
+        }
+        if !self.errors.is_empty() {
+            return Err(StartError::Config(self.errors.join("; ")));
+        }
+        let registry = Arc::new(Registry { kinds: self.kinds });
+        let threads = ThreadCount::default();
+        let next_id = Arc::new(AtomicU64::new(1));
+        let (ready_tx, ready_rx) = bounded(1);
+        let pools = self.pools;
+        let retention = self.retention;
+        let heartbeat = self.heartbeat;
+        let worker_threads = threads.clone();
+        let ids = next_id.clone();
+        let system_thread = std::thread::Builder::new()
+            .name("jobd-system".into())
+            .spawn(move || {
+                let sys = actix_rt::System::new();
+                sys.block_on(async move {
+                    let states = pools.iter().cloned().map(PoolState::new).collect();
+                    let dispatcher = Dispatcher::new(registry, states, retention, heartbeat);
+                    // Start the Dispatcher first so the pools can know its
+                    // address, then hand it theirs before any job exists.
+                    let ctx = actix::Context::<Dispatcher>::new();
+                    let addr = ctx.address();
+                    let addrs = pools
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| start_pool(p, i, addr.clone(), worker_threads.clone()))
+                        .collect();
+                    let mut dispatcher = dispatcher;
+                    dispatcher.set_pool_addrs(addrs);
+                    let addr = ctx.run(dispatcher);
+                    let handle = Handle::new(addr, actix_rt::Arbiter::current(), ids);
+                    let _ = ready_tx.send(handle);
+                });
+                // Runs until the Dispatcher stops the System.
+                let _ = sys.run();
+            })
+            .map_err(|source| StartError::Spawn {
+                what: "the jobd-system thread".into(),
+                source,
+            })?;
+        let handle = ready_rx.recv().map_err(|_| StartError::Died)?;
+        Ok(Runtime {
+            handle,
+            system_thread: Some(system_thread),
+            threads,
+            _next_id: next_id,
+        })
+    }
+}
+
+/// A running jobd actor system.
+pub struct Runtime {
+    handle: Handle,
+    system_thread: Option<JoinHandle<()>>,
+    threads: ThreadCount,
+    _next_id: Arc<AtomicU64>,
+}
+
+impl Runtime {
+    /// Start declaring a runtime.
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder::new()
+    }
+
+    /// A handle for submitting jobs from any thread.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Stop admitting (new submits get `ShuttingDown`), let running jobs
+    /// finish up to `deadline`, answer every waiter, stop the System, and
+    /// join its thread and every pool thread.
+    ///
+    /// Handlers that are still running at the deadline are told to stop
+    /// (`is_cancelled()`); if one of them ignores it, its thread cannot be
+    /// joined and `WorkersBusy` says how many were left.
+    pub fn shutdown(mut self, deadline: Duration) -> Result<(), ShutdownError> {
+        self.stop(deadline)
+    }
+
+    /// Block until the System stopped by itself (e.g. the daemon's signal
+    /// handler called `Handle::shutdown_async`), then join every thread.
+    pub fn wait_stopped(mut self, grace: Duration) -> Result<(), ShutdownError> {
+        let Some(t) = self.system_thread.take() else {
+            return Ok(());
+        };
+        t.join().map_err(|_| ShutdownError::Panicked)?;
+        match self.threads.wait_zero(Instant::now() + grace) {
+            0 => Ok(()),
+            n => Err(ShutdownError::WorkersBusy(n)),
+        }
+    }
+
+    fn stop(&mut self, deadline: Duration) -> Result<(), ShutdownError> {
+        let Some(t) = self.system_thread.take() else {
+            return Ok(());
+        };
+        let until = Instant::now() + deadline;
+        if actix_rt::Arbiter::try_current().is_none() {
+            // Wait for the drain to finish; a closed channel means the
+            // System is already gone, which is what we wanted too.
+            let _ = self.handle.begin_shutdown(until).recv();
+        } else {
+            // Dropped on an arbiter thread: ask, but do not block here.
+            let _ = self.handle.begin_shutdown(until);
+            return Ok(());
+        }
+        t.join().map_err(|_| ShutdownError::Panicked)?;
+        match self
+            .threads
+            .wait_zero(until.max(Instant::now()) + THREAD_EXIT_GRACE)
+        {
+            0 => Ok(()),
+            n => Err(ShutdownError::WorkersBusy(n)),
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let _ = self.stop(Duration::from_secs(5));
+    }
+}
