@@ -1,0 +1,68 @@
+//! Default locations shared by `jobd` and `jobctl`, so both agree on where
+//! the socket is without configuration.
+//!
+//! Socket: `--socket`, else `JOBD_SOCKET`, else
+//! `$XDG_RUNTIME_DIR/jobd/jobd.sock`, else `/run/jobd/jobd.sock` for root,
+//! else `<state dir>/jobd.sock`.
+//! State dir: `--state-dir`, else (config) , else `/var/lib/jobd` for root,
+//! else `$XDG_STATE_HOME/jobd`, else `~/.local/state/jobd`.
+
+use std::path::PathBuf;
+
+/// Environment variable naming the socket, read by both binaries.
+pub const SOCKET_ENV: &str = "JOBD_SOCKET";
+
+/// True when running as uid 0.
+pub fn is_root() -> bool {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::getuid() == 0
+    }
+}
+
+fn non_empty_env(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The default state directory (store, and the socket as a last resort).
+pub fn default_state_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/var/lib/jobd");
+    }
+    if let Some(d) = non_empty_env("XDG_STATE_HOME") {
+        return d.join("jobd");
+    }
+    match non_empty_env("HOME") {
+        Some(h) => h.join(".local/state/jobd"),
+        None => std::env::temp_dir().join(format!("jobd-{}", uid())),
+    }
+}
+
+fn uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::getuid()
+    }
+}
+
+/// The socket path when neither `--socket` nor a config file names one.
+/// `state_dir` is the daemon's state directory (for `jobctl`, the default).
+pub fn default_socket_path(state_dir: Option<&std::path::Path>) -> PathBuf {
+    if let Some(p) = non_empty_env(SOCKET_ENV) {
+        return p;
+    }
+    if let Some(d) = non_empty_env("XDG_RUNTIME_DIR") {
+        return d.join("jobd/jobd.sock");
+    }
+    if is_root() {
+        return PathBuf::from("/run/jobd/jobd.sock");
+    }
+    state_dir
+        .map(PathBuf::from)
+        .unwrap_or_else(default_state_dir)
+        .join("jobd.sock")
+}
