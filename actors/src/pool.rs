@@ -151,15 +151,17 @@ impl Handler<RunJob> for Worker {
         let run_time = started.elapsed();
         let shared = &job.shared;
         let claimed = shared.claim_finished();
-        if claimed
-            && (outcome.is_ok() || shared.last_attempt)
-            && let Some(reply) = shared.take_direct()
-        {
-            reply.send(match &outcome {
-                Ok(v) => Ok(v.clone()),
-                Err(f) => Err(final_error(shared, f)),
-            });
-        }
+        let direct = if claimed && (outcome.is_ok() || shared.last_attempt) {
+            shared
+                .take_direct()
+                .map(|reply| (reply, outcome.clone().map_err(|f| final_error(shared, &f))))
+        } else {
+            None
+        };
+        // Tell the Dispatcher first, answer the waiter second: whatever the
+        // caller asks next (status, stats, wait) is then queued behind this
+        // report and sees the job final. The reply still goes straight to
+        // the caller, without a hop through the Dispatcher.
         self.dispatcher.do_send(AttemptDone {
             id: shared.id,
             attempt: shared.attempt,
