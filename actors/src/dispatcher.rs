@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::context::{AttemptShared, Interrupt};
 use crate::error::JobError;
 use crate::job::{Attempt, ErrorInfo, JobId, JobRecord, JobSpec, JobState, now_ms};
-use crate::pool::{Failure, PoolConfig, RunJob, Worker};
+use crate::pool::{Failure, PANIC_PREFIX, PoolConfig, RunJob, Worker};
 use crate::registry::Registry;
 use crate::reply::{DirectReply, Outcome, Reply};
 use crate::stats::{KindStats, KindTotals, PoolStats, StatsSnapshot};
@@ -982,11 +982,24 @@ pub(crate) fn outcome_of(rec: &JobRecord) -> Outcome {
                 "cancelled"
             },
         }),
-        JobState::Failed | JobState::Dead => Err(JobError::Failed {
-            id: rec.id,
-            message: message(),
-            state: rec.state,
-        }),
+        JobState::Failed | JobState::Dead => {
+            let message = message();
+            // The worker's direct answer says Panicked; a waiter reading the
+            // record must get the same.
+            match message.strip_prefix(PANIC_PREFIX) {
+                Some(m) if rec.error.as_ref().is_some_and(|e| e.code == "job_failed") => {
+                    Err(JobError::Panicked {
+                        id: rec.id,
+                        message: m.to_string(),
+                    })
+                }
+                _ => Err(JobError::Failed {
+                    id: rec.id,
+                    message,
+                    state: rec.state,
+                }),
+            }
+        }
         JobState::Queued | JobState::Delayed | JobState::Running => {
             Err(JobError::Internal(format!("job {} is not final", rec.id)))
         }

@@ -49,11 +49,15 @@ pub(crate) enum Failure {
     Panic(String),
 }
 
+/// How a panic's message starts in a job's record, so that a record read
+/// back later still tells a panic from an error (`outcome_of`).
+pub(crate) const PANIC_PREFIX: &str = "panicked: ";
+
 impl Failure {
     pub(crate) fn message(&self) -> String {
         match self {
             Failure::Error(m) => m.clone(),
-            Failure::Panic(m) => format!("panicked: {m}"),
+            Failure::Panic(m) => format!("{PANIC_PREFIX}{m}"),
         }
     }
 }
@@ -170,6 +174,9 @@ impl Handler<RunJob> for Worker {
             claimed,
             run_time,
         });
+        if let Some((reply, answer)) = direct {
+            reply.send(answer);
+        }
     }
 }
 
