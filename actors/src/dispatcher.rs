@@ -435,8 +435,12 @@ impl Dispatcher {
         });
     }
 
-    /// Hand queued jobs to the pool while it has idle workers.
+    /// Hand queued jobs to the pool while it has idle workers. Nothing new
+    /// starts once a shutdown began: those jobs' waiters were already told.
     fn pump(&mut self, pool: usize, ctx: &mut Context<Self>) {
+        if self.closing.is_some() {
+            return;
+        }
         loop {
             let p = &mut self.pools[pool];
             if p.idle == 0 || p.paused {
