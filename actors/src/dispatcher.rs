@@ -779,11 +779,33 @@ impl Dispatcher {
             }
             _ => return Ok(job.rec.clone()),
         }
+        let was_queued = job.rec.state == JobState::Queued;
         job.rec.error = Some(ErrorInfo::new("cancelled", reason));
         self.finish(id, JobState::Cancelled, None, ctx);
+        if was_queued {
+            self.drop_stale_entries(pool);
+        }
         self.record(id)
             .cloned()
             .ok_or_else(|| JobError::Internal("cancelled job vanished".into()))
+    }
+
+    /// A cancelled queued job leaves a stale entry in its pool's heap until
+    /// it is popped, which never happens while the pool is stuck. Callers
+    /// whose `call` times out cancel their job, so without this the heap
+    /// would grow without bound behind a stuck pool. Rebuild it once stale
+    /// entries outnumber live ones: amortised O(1) per cancel.
+    fn drop_stale_entries(&mut self, pool: usize) {
+        let p = &mut self.pools[pool];
+        if p.queue.len() <= 2 * p.queued + 64 {
+            return;
+        }
+        let active = &self.active;
+        p.queue.retain(|e| {
+            active
+                .get(&e.id)
+                .is_some_and(|j| j.rec.state == JobState::Queued && j.seq == e.seq)
+        });
     }
 
     fn retry(&mut self, id: JobId, ctx: &mut Context<Self>) -> Result<JobRecord, JobError> {
