@@ -1203,6 +1203,12 @@ impl Handler<SubmitBatch> for Dispatcher {
                     }
                     checked.push(Ok((job, delayed)));
                 }
+                // Not the job's fault: the same answer a single submit gets,
+                // so the client knows to retry later.
+                Err(e @ (JobError::QueueFull { .. } | JobError::ShuttingDown)) => {
+                    msg.reply.send(Err(e));
+                    return;
+                }
                 Err(e) => {
                     msg.reply
                         .send(Err(JobError::BadRequest(format!("job {i}: {e}"))));
