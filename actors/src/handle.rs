@@ -5,6 +5,7 @@
 //! it, from a plain thread.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use actix::dev::ToEnvelope;
 use actix::{Actor, Addr, Handler, Message};
 use actix_rt::ArbiterHandle;
 use crossbeam_channel::{RecvTimeoutError, bounded};
+use futures::FutureExt;
 use futures::channel::oneshot;
 use futures::future::{AbortHandle, Abortable};
 use serde::Serialize;
@@ -25,6 +27,7 @@ use crate::dispatcher::{
 };
 use crate::error::JobError;
 use crate::job::{JobId, JobOptions, JobRecord, JobSpec};
+use crate::pool::panic_message;
 use crate::reply::{Outcome, Reply};
 use crate::stats::StatsSnapshot;
 
@@ -459,7 +462,8 @@ impl Handle {
     /// From a plain thread, build a future on the System thread with `make`,
     /// run it there and block for its output, at most `timeout`. At the
     /// deadline the future is dropped (never left running) and `WaitTimeout`
-    /// returned. `make` is `Send`; the future it builds need not be, so it may
+    /// returned. If `make` or the future panics, `Internal` carries the
+    /// panic message (the System goes on). `make` is `Send`; the future it builds need not be, so it may
     /// use actix actors and `actix_rt` freely.
     pub fn run<F, Fut, T>(&self, make: F, timeout: Duration) -> Result<T, JobError>
     where
@@ -472,8 +476,11 @@ impl Handle {
         let (abort, registration) = AbortHandle::new_pair();
         let spawned = self.inner.arbiter.spawn_fn(move || {
             actix_rt::spawn(async move {
-                if let Ok(out) = Abortable::new(make(), registration).await {
-                    let _ = tx.send(out);
+                // A panic in `make` or in the future ends this task only;
+                // catch it so the caller hears of it, not of a lost runtime.
+                let guarded = AssertUnwindSafe(async move { make().await }).catch_unwind();
+                if let Ok(out) = Abortable::new(guarded, registration).await {
+                    let _ = tx.send(out.map_err(|p| panic_message(p.as_ref())));
                 }
             });
         });
@@ -484,7 +491,9 @@ impl Handle {
         if out.is_err() {
             abort.abort();
         }
-        out
+        out?.map_err(|m| {
+            JobError::Internal(format!("the future given to Handle::run panicked: {m}"))
+        })
     }
 }
 
