@@ -208,3 +208,35 @@ fn send_gives_up_at_its_timeout() {
     assert_eq!(h.send(&addr, Totals, LONG).unwrap(), (0, 0));
     rt.shutdown(LONG).unwrap();
 }
+
+#[test]
+fn a_panicking_future_is_reported_and_the_system_goes_on() {
+    let rt = runtime();
+    let h = rt.handle();
+    let out = h.run(
+        || async {
+            if h_is_true() {
+                panic!("future boom");
+            }
+            1
+        },
+        LONG,
+    );
+    match out {
+        Err(e @ JobError::Internal(_)) => assert!(e.to_string().contains("future boom"), "{e}"),
+        other => panic!("expected Internal with the panic message, got {other:?}"),
+    }
+    // A panic while building the future, too.
+    let out = h.run::<_, std::future::Ready<u32>, u32>(|| panic!("make boom"), LONG);
+    assert!(
+        matches!(&out, Err(JobError::Internal(m)) if m.contains("make boom")),
+        "{out:?}"
+    );
+    assert_eq!(h.run(|| async { 5 }, LONG), Ok(5));
+    rt.shutdown(LONG).unwrap();
+}
+
+/// Keeps the compiler from seeing that the panic always happens.
+fn h_is_true() -> bool {
+    std::hint::black_box(true)
+}
