@@ -1438,6 +1438,22 @@ impl Handler<Query> for Dispatcher {
             Query::Status(id, r) => self.lookup(id, r),
             Query::Cancel(id, r) if !self.active.contains_key(&id) => self.lookup(id, r),
             Query::Cancel(id, r) => r.send(self.cancel(id, "cancelled by request", ctx)),
+            Query::Retry(id, r) if self.record(id).is_none() && self.store.is_some() => {
+                // Finished long ago: fetch it from the store, then retry.
+                let me = ctx.address();
+                if let Some(s) = &self.store {
+                    s.addr.do_send(StoreRead::Get(
+                        id,
+                        Reply::with(move |found| {
+                            me.do_send(RetryLoaded {
+                                id,
+                                found,
+                                reply: r,
+                            })
+                        }),
+                    ));
+                }
+            }
             Query::Retry(id, r) => r.send(self.retry(id, ctx)),
             Query::List(q, r) => match &self.store {
                 None => r.send(self.list(&q)),
@@ -2037,5 +2053,33 @@ impl Handler<ListLoaded> for Dispatcher {
             },
             jobs,
         });
+    }
+}
+
+/// A job to retry, read back from the store.
+struct RetryLoaded {
+    id: JobId,
+    found: Result<Option<JobRecord>, StoreError>,
+    reply: Reply<Result<JobRecord, JobError>>,
+}
+
+impl Message for RetryLoaded {
+    type Result = ();
+}
+
+impl Handler<RetryLoaded> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: RetryLoaded, ctx: &mut Context<Self>) {
+        match msg.found {
+            Err(e) => msg.reply.send(Err(JobError::Unavailable(e.0))),
+            Ok(None) => msg.reply.send(Err(JobError::NotFound(msg.id.to_string()))),
+            Ok(Some(rec)) => {
+                if self.record(msg.id).is_none() && rec.state.is_final() {
+                    self.retain(rec);
+                }
+                msg.reply.send(self.retry(msg.id, ctx));
+            }
+        }
     }
 }

@@ -240,3 +240,49 @@ fn finished_jobs_pruned_from_memory_are_read_from_the_store() {
     assert!(page.cursor.is_some());
     rt.shutdown(T).unwrap();
 }
+
+#[test]
+fn a_dead_job_known_only_to_the_store_can_be_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jobs.db");
+    let flaky = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let f = flaky.clone();
+    let rt = Runtime::builder()
+        .pool("work", 1)
+        .handler("flaky", "work", move |_ctx, n: u64| {
+            if f.load(Ordering::SeqCst) {
+                Err(format!("flaky {n}"))
+            } else {
+                Ok(n)
+            }
+        })
+        .handler("noop", "work", |_ctx, n: u64| Ok::<u64, String>(n))
+        .retention(Retention {
+            ttl: Duration::from_secs(3600),
+            max_jobs: 1,
+        })
+        .store(open(&path))
+        .start()
+        .unwrap();
+    let h = rt.handle();
+    let opts = JobOptions::default()
+        .max_attempts(2)
+        .backoff(jobd_actors::Backoff {
+            base_ms: 1,
+            factor: 1.0,
+            max_ms: 1,
+        });
+    let id = h.submit("flaky", &3u64, opts).unwrap();
+    let rec = h.wait_record(id, T).unwrap();
+    assert_eq!(rec.state, JobState::Dead);
+    assert_eq!(rec.attempts.len(), 2);
+    // Push it out of memory.
+    let other = h.submit("noop", &1u64, JobOptions::default()).unwrap();
+    h.wait_record(other, T).unwrap();
+    flaky.store(false, Ordering::SeqCst);
+    let again = h.retry(id).unwrap();
+    assert!(!again.state.is_final(), "{:?}", again.state);
+    assert!(again.attempt <= 1, "fresh attempts");
+    assert_eq!(h.wait::<u64>(id, T).unwrap(), 3);
+    rt.shutdown(T).unwrap();
+}
