@@ -8,6 +8,7 @@
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -155,6 +156,46 @@ impl PartialOrd for QueueEntry {
 
 type RecordWaiter = Reply<Result<JobRecord, JobError>>;
 
+/// A map keyed by job id. Ids come from a counter, never from a client, so
+/// a multiplication hashes them well enough; SipHash cost more than the
+/// rest of a map lookup on the hot path.
+type IdMap<V> = HashMap<JobId, V, BuildHasherDefault<FastHasher>>;
+
+/// Per-kind totals, keyed by registered kind names (admission rejects any
+/// other name before a lookup here), so the same cheap hash is safe.
+type KindMap = HashMap<String, KindTotals, BuildHasherDefault<FastHasher>>;
+
+/// Fibonacci hashing: fold each word in, multiply by 2^64 / golden ratio.
+/// High and low bits both change with every input, as hashbrown needs.
+/// Not for keys an attacker chooses.
+#[derive(Default)]
+struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(w);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            let mut b = [0u8; 8];
+            b[..rest.len()].copy_from_slice(rest);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 /// A job that is not final yet.
 struct Active {
     rec: JobRecord,
@@ -189,7 +230,7 @@ pub(crate) struct StoreLink {
     /// job → index of its `Put` in `pending`: a newer record of the same job
     /// replaces the older one, so a job that is submitted, started and
     /// finished within one batch is written once.
-    slot: HashMap<JobId, usize>,
+    slot: IdMap<usize>,
     /// Admissions waiting for `pending` to commit.
     admissions: Vec<Admission>,
     /// The batch in flight: its number, and the admissions it carries.
@@ -211,7 +252,7 @@ impl StoreLink {
         StoreLink {
             addr,
             pending: Vec::new(),
-            slot: HashMap::new(),
+            slot: IdMap::default(),
             admissions: Vec::new(),
             in_flight: None,
             seq: 0,
@@ -247,20 +288,20 @@ pub struct Dispatcher {
     pools: Vec<PoolState>,
     pool_names: HashMap<String, usize>,
     /// Jobs that are not final.
-    active: HashMap<JobId, Active>,
+    active: IdMap<Active>,
     /// Finished jobs kept for `status`, `wait` and `list`.
-    finished: HashMap<JobId, JobRecord>,
+    finished: IdMap<JobRecord>,
     /// Finished ids in finishing order, for pruning.
     finished_order: VecDeque<(u64, JobId)>,
     retention: Retention,
     /// (kind, unique_key) → the active job holding the key.
     unique: HashMap<(String, String), JobId>,
     /// job → jobs waiting for it to succeed.
-    dependents: HashMap<JobId, Vec<JobId>>,
+    dependents: IdMap<Vec<JobId>>,
     /// Queue sequence numbers, for FIFO within a priority.
     seq: u64,
     /// Per-kind totals.
-    kinds: HashMap<String, KindTotals>,
+    kinds: KindMap,
     /// Set once shutdown started.
     closing: Option<Closing>,
     heartbeat: Option<(Duration, HeartbeatFn)>,
@@ -297,12 +338,12 @@ impl Dispatcher {
             registry,
             pools,
             pool_names,
-            active: HashMap::new(),
-            finished: HashMap::new(),
+            active: IdMap::default(),
+            finished: IdMap::default(),
             finished_order: VecDeque::new(),
             retention,
             unique: HashMap::new(),
-            dependents: HashMap::new(),
+            dependents: IdMap::default(),
             seq: 0,
             kinds,
             closing: None,
@@ -327,9 +368,7 @@ impl Dispatcher {
     }
 
     fn kind_totals(&mut self, kind: &str) -> &mut KindTotals {
-        self.kinds
-            .entry(kind.to_string())
-            .or_insert_with(KindTotals::new)
+        kind_totals(&mut self.kinds, kind)
     }
 
     fn record(&self, id: JobId) -> Option<&JobRecord> {
@@ -557,10 +596,6 @@ impl Dispatcher {
             p.idle -= 1;
             p.running += 1;
             p.counters.started += 1;
-            let Some(addr) = p.addr.clone() else {
-                // Invariant: pools get their address before any job.
-                return;
-            };
             let id = entry.id;
             job.rec.state = JobState::Running;
             job.rec.attempt += 1;
@@ -592,17 +627,17 @@ impl Dispatcher {
             };
             let handler = kind.handler.clone();
             let payload = job.rec.payload.clone();
-            let totals = self
-                .kinds
-                .entry(job.rec.kind.clone())
-                .or_insert_with(KindTotals::new);
+            let totals = kind_totals(&mut self.kinds, &job.rec.kind);
             totals.counters.started += 1;
             totals.queue_wait.record(queue_wait);
-            addr.do_send(RunJob {
-                shared,
-                handler,
-                payload,
-            });
+            // Invariant: pools get their address before any job.
+            if let Some(addr) = &self.pools[pool].addr {
+                addr.do_send(RunJob {
+                    shared,
+                    handler,
+                    payload,
+                });
+            }
             self.persist(id, ctx);
         }
     }
@@ -678,8 +713,10 @@ impl Dispatcher {
         result: Option<Value>,
         ctx: &mut Context<Self>,
     ) {
-        let mut cascade = vec![(id, state, result)];
-        while let Some((id, state, result)) = cascade.pop() {
+        // Jobs cancelled because a dependency failed; allocated only then.
+        let mut cascade = Vec::new();
+        let mut next = Some((id, state, result));
+        while let Some((id, state, result)) = next.take().or_else(|| cascade.pop()) {
             let Some(mut job) = self.active.remove(&id) else {
                 continue;
             };
@@ -698,11 +735,7 @@ impl Dispatcher {
             }
             let pool = &mut self.pools[job.pool];
             let c = &mut pool.counters;
-            let totals = self
-                .kinds
-                .entry(job.rec.kind.clone())
-                .or_insert_with(KindTotals::new);
-            let k = &mut totals.counters;
+            let k = &mut kind_totals(&mut self.kinds, &job.rec.kind).counters;
             match state {
                 JobState::Succeeded => {
                     c.succeeded += 1;
@@ -807,7 +840,9 @@ impl Dispatcher {
         let Some(job) = self.active.get_mut(&msg.id) else {
             return;
         };
-        let kind = job.rec.kind.clone();
+        kind_totals(&mut self.kinds, &job.rec.kind)
+            .run_time
+            .record(msg.run_time);
         match msg.outcome {
             Ok(v) => {
                 job.attempt = None;
@@ -815,13 +850,9 @@ impl Dispatcher {
                     a.end = Some(now_ms());
                 }
                 self.pools[job.pool].running -= 1;
-                self.kind_totals(&kind).run_time.record(msg.run_time);
                 self.finish(msg.id, JobState::Succeeded, Some(v), ctx);
             }
-            Err(f) => {
-                self.kind_totals(&kind).run_time.record(msg.run_time);
-                self.attempt_failed(msg.id, f.message(), JobState::Failed, "job_failed", ctx)
-            }
+            Err(f) => self.attempt_failed(msg.id, f.message(), JobState::Failed, "job_failed", ctx),
         }
     }
 
@@ -842,9 +873,11 @@ impl Dispatcher {
             return;
         }
         let ms = job.rec.timeout_ms.unwrap_or(0);
-        let (pool, kind) = (job.pool, job.rec.kind.clone());
+        let pool = job.pool;
+        kind_totals(&mut self.kinds, &job.rec.kind)
+            .counters
+            .timed_out += 1;
         self.pools[pool].counters.timed_out += 1;
-        self.kind_totals(&kind).counters.timed_out += 1;
         self.attempt_failed(
             id,
             format!("timed out after {ms} ms"),
@@ -1131,6 +1164,19 @@ pub(crate) fn list_records<'a>(
         },
         jobs: page.into_iter().cloned().collect(),
     }
+}
+
+/// A kind's totals, created on first use. A lookup by `&str`: no `String`
+/// is built per job (every kind is registered at start, so the insert
+/// happens at most once per kind).
+fn kind_totals<'a>(kinds: &'a mut KindMap, kind: &str) -> &'a mut KindTotals {
+    if !kinds.contains_key(kind) {
+        kinds.insert(kind.to_string(), KindTotals::new());
+    }
+    // Invariant: present, inserted just above if it was missing.
+    kinds
+        .get_mut(kind)
+        .expect("kind totals exist once inserted")
 }
 
 /// What a `call` waiter gets for a final record.
