@@ -15,7 +15,8 @@
 //! Closing: on end of input, idle timeout or daemon shutdown the session
 //! stops reading, lets in-flight requests finish, flushes, then closes. On a
 //! protocol violation that ends the stream (line too long, invalid UTF-8)
-//! it answers the error, drops in-flight requests, flushes and closes. A
+//! it answers the error, gives in-flight requests a second to finish, drops
+//! the rest, flushes and closes. A
 //! peer that hangs up completely is noticed even while requests are in
 //! flight, and they are dropped. Nothing is lost on close: the writer task
 //! owns the socket and drains the outbox before shutting it down (actix's
@@ -46,6 +47,10 @@ use crate::protocol::{self, Response, code};
 
 /// How often a session that stopped reading checks whether its peer hung up.
 const HANGUP_POLL: Duration = Duration::from_millis(200);
+
+/// After a protocol violation, how long requests already in flight get to
+/// finish before they are dropped.
+const ABANDON_GRACE: Duration = Duration::from_secs(1);
 
 /// Responses are written in batches of up to this many bytes.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -320,21 +325,19 @@ impl Session {
         let stall = shared.idle_timeout;
         Session::create(move |ctx| {
             let writer = actix_rt::spawn(write_loop(wr, rx, stopped_rx, stall));
-            ctx.spawn(
-                actix::fut::wrap_future::<_, Session>(writer).map(
-                    |end, _act: &mut Session, ctx: &mut Context<Session>| {
-                        match end {
-                            Ok(WriterEnd::Flushed) | Ok(WriterEnd::HungUp) => {}
-                            Ok(WriterEnd::Stalled) => {
-                                tracing::info!("closing a connection whose peer stopped reading")
-                            }
-                            Ok(WriterEnd::Failed(e)) => tracing::debug!("write failed: {e}"),
-                            Err(e) => tracing::error!("session writer crashed: {e}"),
+            ctx.spawn(actix::fut::wrap_future::<_, Session>(writer).map(
+                |end, _act: &mut Session, ctx: &mut Context<Session>| {
+                    match end {
+                        Ok(WriterEnd::Flushed) | Ok(WriterEnd::HungUp) => {}
+                        Ok(WriterEnd::Stalled) => {
+                            tracing::info!("closing a connection whose peer stopped reading")
                         }
-                        ctx.stop();
-                    },
-                ),
-            );
+                        Ok(WriterEnd::Failed(e)) => tracing::debug!("write failed: {e}"),
+                        Err(e) => tracing::error!("session writer crashed: {e}"),
+                    }
+                    ctx.stop();
+                },
+            ));
             let reader = ctx.add_stream(read_events(reader));
             let mut close = shared.close.clone();
             ctx.spawn(
@@ -392,9 +395,10 @@ impl Session {
         self.send(&Response::error(id, &error), permit);
     }
 
-    /// Stop reading and close once the outbox is written. With `abandon`,
-    /// requests still in flight are dropped unanswered (the client broke
-    /// the protocol); otherwise they finish first.
+    /// Stop reading and close once the outbox is written. With `abandon`
+    /// (the client broke the protocol), requests still in flight get
+    /// `ABANDON_GRACE` to finish and are then dropped unanswered; otherwise
+    /// they all finish first.
     fn close(&mut self, ctx: &mut Context<Self>, abandon: bool) {
         if let Some(r) = self.reader.take() {
             ctx.cancel_future(r);
@@ -402,7 +406,8 @@ impl Session {
         let _ = self.reading_stopped.send(true);
         self.outbox = None;
         if abandon {
-            self.in_flight.cancel();
+            let token = self.in_flight.clone();
+            ctx.run_later(ABANDON_GRACE, move |_, _| token.cancel());
         }
     }
 
