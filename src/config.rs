@@ -32,6 +32,9 @@ pub const ENV_SEPARATOR: &str = "__";
 /// 64 before the daemon stops reading from it).
 pub const MIN_IN_FLIGHT: usize = 64;
 
+/// Longest time any `*_secs` setting may name: ten years.
+pub const MAX_SECS: u64 = 10 * 365 * 24 * 3600;
+
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -408,8 +411,20 @@ impl Config {
                 self.max_frame_bytes
             ));
         }
-        if self.max_connections == 0 {
-            return bad("max_connections must be at least 1".into());
+        if self.max_connections == 0 || self.max_connections > 1_000_000 {
+            return bad(format!(
+                "max_connections must be between 1 and 1000000 (got {})",
+                self.max_connections
+            ));
+        }
+        for (key, secs) in [
+            ("result_ttl_secs", self.result_ttl_secs),
+            ("shutdown_timeout_secs", self.shutdown_timeout_secs),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+        ] {
+            if secs > MAX_SECS {
+                return bad(format!("{key} must be at most {MAX_SECS} (ten years)"));
+            }
         }
         for (name, p) in &self.pools {
             if name.is_empty() {
@@ -646,11 +661,48 @@ mod tests {
         assert!(e.contains("nope"), "{e}");
     }
 
+    const SHIPPED: &str = include_str!("../config/jobd.toml");
+
+    #[test]
+    fn the_shipped_file_loads_to_the_defaults() {
+        let c = load(SHIPPED, &[]).unwrap();
+        assert_eq!(c.pool_list(), Config::default().pool_list());
+        assert_eq!(
+            Config {
+                pools: BTreeMap::new(),
+                ..c
+            },
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn every_key_the_shipped_file_documents_exists() {
+        // Uncomment every `#key = value` and `#[table]` line: still valid.
+        let all: String = SHIPPED
+            .lines()
+            .map(|l| {
+                let starts_key = l.strip_prefix('#').is_some_and(|r| {
+                    r.starts_with('[') || r.split(" = ").count() > 1 && !r.starts_with(' ')
+                });
+                if starts_key { &l[1..] } else { l }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = load(&all, &[]).unwrap_or_else(|e| panic!("{e}\n{all}"));
+        assert_eq!(c.socket_group.as_deref(), Some("jobd"));
+        assert_eq!(c.pools["io"].threads, Some(8));
+        assert_eq!(c.kinds["thumbnail"].argv.len(), 5);
+        assert_eq!(c.auth.allow_uids, Vec::<u32>::new());
+    }
+
     #[test]
     fn bad_values_are_refused() {
         assert!(load("max_in_flight = 10\n", &[]).is_err());
         assert!(load("socket_mode = \"0999\"\n", &[]).is_err());
         assert!(load("[pools.x]\nthreads = 0\n", &[]).is_err());
         assert!(load("not toml at all [", &[]).is_err());
+        assert!(load("shutdown_timeout_secs = 999999999999\n", &[]).is_err());
+        assert!(load("max_connections = 0\n", &[]).is_err());
     }
 }

@@ -60,6 +60,24 @@ pub fn socket_path(cfg: &Config, state_dir: &std::path::Path) -> PathBuf {
         .unwrap_or_else(|| paths::default_socket_path(Some(state_dir)))
 }
 
+/// Create the state directory if missing: parents with the usual mode,
+/// the directory itself readable by owner and group only.
+fn create_state_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o750).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        r => r,
+    }
+}
+
 /// Build the runtime the configuration describes.
 fn build_runtime(cfg: &Config) -> Result<Runtime, DaemonError> {
     let mut b = Runtime::builder();
@@ -88,17 +106,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         );
     }
     let state_dir = state_dir(&cfg);
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o750)
-            .create(&state_dir)
-            .map_err(|source| DaemonError::StateDir {
-                path: state_dir.clone(),
-                source,
-            })?;
-    }
+    create_state_dir(&state_dir).map_err(|source| DaemonError::StateDir {
+        path: state_dir.clone(),
+        source,
+    })?;
     let socket = socket_path(&cfg, &state_dir);
     let auth = Auth::from_config(&cfg.auth).map_err(DaemonError::Group)?;
     let socket_gid = match &cfg.socket_group {

@@ -211,3 +211,76 @@ fn peers_off_the_allow_list_are_forbidden() {
     );
     assert_eq!(r["result"], 1, "{r}");
 }
+
+/// Run jobd with stderr on a pipe of ours until it listens, stop it, and
+/// return its log lines. `journal`: set JOURNAL_STREAM to the pipe.
+fn log_lines(extra: &[&str], journal: bool) -> Vec<String> {
+    use std::io::BufRead;
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s.sock");
+    let (reader, writer) = std::io::pipe().unwrap();
+    let fd = std::os::fd::OwnedFd::from(reader.try_clone().unwrap());
+    let meta = std::fs::File::from(fd).metadata().unwrap();
+    let mut cmd = std::process::Command::new(common::jobd_bin());
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--durability", "memory", "--log-level", "info"])
+        .args(extra)
+        .env_remove("JOBD_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("JOBD_SOCKET")
+        .stderr(writer);
+    if journal {
+        cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd); // closes our copy of the pipe's writing end
+    let mut lines = Vec::new();
+    let mut r = std::io::BufReader::new(reader);
+    let mut line = String::new();
+    while r.read_line(&mut line).unwrap() > 0 {
+        let listening = line.contains("listening on");
+        lines.push(std::mem::take(&mut line));
+        if listening {
+            break;
+        }
+    }
+    signal(&child, libc::SIGTERM);
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+    while r.read_line(&mut line).unwrap() > 0 {
+        lines.push(std::mem::take(&mut line));
+    }
+    lines
+}
+
+#[test]
+fn logs_have_no_timestamps_under_journald_and_can_be_json() {
+    let starts_with_time = |l: &String| l.len() > 4 && l[..4].chars().all(|c| c.is_ascii_digit());
+    let plain = log_lines(&[], false);
+    assert!(
+        plain.iter().any(|l| l.contains("listening on")),
+        "{plain:?}"
+    );
+    assert!(plain.iter().all(starts_with_time), "{plain:?}");
+    assert!(
+        plain.iter().all(|l| !l.contains('\u{1b}')),
+        "ANSI codes on a pipe: {plain:?}"
+    );
+
+    let journal = log_lines(&[], true);
+    assert!(
+        journal.iter().any(|l| l.contains("listening on")),
+        "{journal:?}"
+    );
+    assert!(!journal.iter().any(starts_with_time), "{journal:?}");
+
+    let json = log_lines(&["--log-format", "json"], false);
+    assert!(json.len() >= 2, "{json:?}");
+    for l in &json {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{l}");
+    }
+}
