@@ -74,7 +74,7 @@ pub struct Shared {
 }
 
 /// A response line on its way out, with the permit it holds.
-type Outgoing = (String, Option<OwnedSemaphorePermit>);
+type Outgoing = (String, OwnedSemaphorePermit);
 
 /// What the reader yields.
 enum ReadEvent {
@@ -230,7 +230,7 @@ async fn write_loop(
         while let Some((line, permit)) = next.take() {
             buf.extend_from_slice(line.as_bytes());
             buf.push(b'\n');
-            held.extend(permit);
+            held.push(permit);
             if buf.len() >= WRITE_BATCH {
                 break;
             }
@@ -380,7 +380,7 @@ impl Session {
     /// answered anyway).
     fn send(&self, r: &Response, permit: OwnedSemaphorePermit) {
         if let Some(tx) = &self.outbox {
-            let _ = tx.try_send((r.to_line(), Some(permit)));
+            let _ = tx.try_send((r.to_line(), permit));
         }
     }
 
@@ -457,7 +457,7 @@ impl Session {
                         let m = r.error_message().unwrap_or_default();
                         tracing::warn!(uid, op, code = c, "rejected request: {m}");
                     }
-                    let _ = tx.send((r.to_line(), Some(permit))).await;
+                    let _ = tx.send((r.to_line(), permit)).await;
                 }
             }
         });
