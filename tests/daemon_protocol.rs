@@ -213,19 +213,40 @@ fn cancelled_and_dependency_failed_outcomes() {
     assert_eq!(c["job"]["state"], "cancelled");
     assert_eq!(c["job"]["attempt"], 0);
 
-    // A dependency that times out cancels its dependents with
-    // dependency_failed.
+    // A dependency that ends without success cancels its dependents with
+    // dependency_failed (ordered: the dependent is seen waiting first).
     let x = rq(
         &mut b,
-        json!({"op": "submit", "job": {"kind": "sleep", "payload": {"ms": 2000}, "timeout_ms": 100}}),
+        json!({"op": "submit", "job": {"kind": "sleep", "payload": {"ms": 10000}}}),
     );
-    let y = rq(
+    a.send_line(
+        &json!({"id": "y", "op": "submit", "job": {"kind": "echo", "after": [x["job"]]}, "wait": true})
+            .to_string(),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rq(
         &mut b,
-        json!({"op": "submit", "job": {"kind": "echo", "after": [x["job"]]}, "wait": true}),
-    );
+        json!({"op": "list", "kind": "echo", "state": "delayed"}),
+    )["jobs"]
+        .as_array()
+        .is_none_or(|j| j.is_empty())
+    {
+        assert!(Instant::now() < deadline, "dependent never waited");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    rq(&mut b, json!({"op": "cancel", "job": x["job"]}));
+    let y = a.read().unwrap();
+    assert_eq!(y["id"], "y");
     assert_eq!(y["ok"], false, "{y}");
     assert_eq!(y["state"], "cancelled");
     assert_eq!(y["error"]["code"], "dependency_failed");
+    // Submitting after the dependency already failed is refused outright.
+    let r = rq(
+        &mut b,
+        json!({"op": "submit", "job": {"kind": "echo", "after": [x["job"]]}}),
+    );
+    assert_eq!(r["error"]["code"], "dependency_failed", "{r}");
     // And one that succeeded lets them run.
     let x = rq(
         &mut b,
