@@ -555,3 +555,24 @@ fn metrics_is_not_served_yet() {
         "unknown_op"
     );
 }
+
+#[test]
+fn a_handler_that_stops_at_its_deadline_is_timed_out_not_succeeded() {
+    // `sleep` stops as soon as ctx.is_cancelled() turns true, which happens
+    // at the deadline: the outcome must still be timed_out, every time.
+    let d = Daemon::start_with("[pools.default]\nthreads = 4\n", &[]);
+    let mut c = d.client();
+    for i in 0..20 {
+        c.send_line(
+            &json!({"id": i, "op": "submit", "wait": true,
+                "job": {"kind": "sleep", "payload": {"ms": 5000}, "timeout_ms": 15}})
+            .to_string(),
+        )
+        .unwrap();
+    }
+    for _ in 0..20 {
+        let r = c.read().unwrap();
+        assert_eq!(r["state"], "timed_out", "{r}");
+        assert_eq!(r["error"]["code"], "timed_out", "{r}");
+    }
+}
