@@ -62,7 +62,8 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// How safely the store keeps jobs. Only `memory` is implemented so far.
+/// How safely jobs are kept: `fsync` and `os` use the SQLite store in the
+/// state directory, `memory` keeps nothing across restarts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Durability {

@@ -1,13 +1,16 @@
 //! Start-up and the daemon's life: from a loaded `Config` to a running
 //! server and back. Resolves the state directory and socket path, checks
-//! the socket, builds the runtime (pools, kinds, retention), serves on an
+//! the socket, builds the runtime (store, pools, kinds, retention; the
+//! store recovers before the socket accepts), serves on an
 //! actix System on the calling thread until a signal, then waits for the
 //! runtime to stop.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use jobd_actors::{PoolConfig, Retention, Runtime, ShutdownError, StartError};
+use jobd_actors::{
+    PoolConfig, Retention, Runtime, ShutdownError, SqliteStore, SqliteSync, StartError, Store,
+};
 
 use crate::auth::{Auth, resolve_group};
 use crate::config::{Config, Durability, GroupRef};
@@ -34,6 +37,9 @@ pub enum DaemonError {
     /// A job kind could not be registered.
     #[error("job kinds: {0}")]
     Kinds(String),
+    /// The store could not be opened.
+    #[error("{0}")]
+    Store(String),
     /// The runtime did not start.
     #[error("{0}")]
     Runtime(#[from] StartError),
@@ -78,9 +84,31 @@ fn create_state_dir(dir: &std::path::Path) -> std::io::Result<()> {
     }
 }
 
+/// File name of the SQLite store inside the state directory.
+pub const STORE_FILE: &str = "jobs.db";
+
+/// The store `durability` asks for: SQLite in the state directory for
+/// `os` and `fsync`, none (memory only) for `memory`.
+fn open_store(
+    durability: Durability,
+    state_dir: &std::path::Path,
+) -> Result<Option<Box<dyn Store>>, DaemonError> {
+    let sync = match durability {
+        Durability::Memory => return Ok(None),
+        Durability::Os => SqliteSync::Os,
+        Durability::Fsync => SqliteSync::Fsync,
+    };
+    let store = SqliteStore::open(&state_dir.join(STORE_FILE), sync)
+        .map_err(|e| DaemonError::Store(e.to_string()))?;
+    Ok(Some(Box::new(store)))
+}
+
 /// Build the runtime the configuration describes.
-fn build_runtime(cfg: &Config) -> Result<Runtime, DaemonError> {
+fn build_runtime(cfg: &Config, state_dir: &std::path::Path) -> Result<Runtime, DaemonError> {
     let mut b = Runtime::builder();
+    if let Some(store) = open_store(cfg.durability, state_dir)? {
+        b = b.store(store);
+    }
     for (name, p) in cfg.pool_list() {
         b = b.pool_config(PoolConfig {
             threads: p.threads(),
@@ -98,13 +126,6 @@ fn build_runtime(cfg: &Config) -> Result<Runtime, DaemonError> {
 
 /// Run the daemon until SIGTERM/SIGINT and a clean drain.
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
-    if cfg.durability != Durability::Memory {
-        tracing::warn!(
-            "durability = \"{}\": only the memory store is implemented so far; \
-             jobs do not survive a restart",
-            cfg.durability.as_str()
-        );
-    }
     let state_dir = state_dir(&cfg);
     create_state_dir(&state_dir).map_err(|source| DaemonError::StateDir {
         path: state_dir.clone(),
@@ -121,9 +142,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     };
     server::prepare_socket_path(&socket)?;
     server::raise_fd_limit();
-    let runtime = build_runtime(&cfg)?;
+    let runtime = build_runtime(&cfg, &state_dir)?;
     tracing::info!(
         state_dir = %state_dir.display(),
+        durability = cfg.durability.as_str(),
         pools = cfg.pool_list().len(),
         "runtime started"
     );

@@ -284,3 +284,24 @@ fn logs_have_no_timestamps_under_journald_and_can_be_json() {
         assert!(v["level"].is_string() && v["timestamp"].is_string(), "{l}");
     }
 }
+
+#[test]
+fn a_durable_daemon_keeps_jobs_across_a_kill() {
+    let mut d = Daemon::start_with("", &["--durability", "os"]);
+    let mut c = d.client();
+    let done = rq(
+        &mut c,
+        json!({"op": "submit", "job": {"kind": "echo", "payload": "kept"}, "wait": true}),
+    );
+    let later = rq(
+        &mut c,
+        json!({"op": "submit", "job": {"kind": "echo", "delay_ms": 600000}}),
+    );
+    assert!(d.state_dir.join("jobs.db").exists());
+    d.restart(&["--durability", "os"]);
+    let mut c = d.client();
+    let r = rq(&mut c, json!({"op": "status", "job": done["job"]}));
+    assert_eq!(r["job"]["result"], "kept", "{r}");
+    let r = rq(&mut c, json!({"op": "status", "job": later["job"]}));
+    assert_eq!(r["job"]["state"], "delayed", "{r}");
+}
