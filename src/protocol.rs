@@ -4,6 +4,7 @@
 //! lines. Nothing here talks to the runtime; `ops` runs requests and
 //! `session` moves lines. `docs/protocol.md` is the user-facing description.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use jobd_actors::{
@@ -570,7 +571,7 @@ fn parse_job(v: Value) -> Result<JobSpec, String> {
 pub struct Response {
     id: Value,
     ok: bool,
-    fields: Vec<(&'static str, Value)>,
+    fields: Vec<(Cow<'static, str>, Value)>,
 }
 
 impl Response {
@@ -598,8 +599,8 @@ impl Response {
     }
 
     /// Add a field.
-    pub fn with(mut self, key: &'static str, value: Value) -> Response {
-        self.fields.push((key, value));
+    pub fn with(mut self, key: impl Into<Cow<'static, str>>, value: Value) -> Response {
+        self.fields.push((key.into(), value));
         self
     }
 
@@ -612,7 +613,7 @@ impl Response {
     pub fn error_code(&self) -> Option<&str> {
         self.fields
             .iter()
-            .find(|(k, _)| *k == "error")
+            .find(|(k, _)| k == "error")
             .and_then(|(_, v)| v.get("code"))
             .and_then(Value::as_str)
     }
@@ -621,7 +622,7 @@ impl Response {
     pub fn error_message(&self) -> Option<&str> {
         self.fields
             .iter()
-            .find(|(k, _)| *k == "error")
+            .find(|(k, _)| k == "error")
             .and_then(|(_, v)| v.get("message"))
             .and_then(Value::as_str)
     }
@@ -642,9 +643,9 @@ impl Response {
             ",\"ok\":false"
         });
         for (k, v) in &self.fields {
-            out.push_str(",\"");
-            out.push_str(k);
-            out.push_str("\":");
+            out.push(',');
+            out.push_str(&Value::from(k.as_ref()).to_string());
+            out.push(':');
             out.push_str(&v.to_string());
         }
         out.push('}');

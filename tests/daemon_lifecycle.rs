@@ -304,4 +304,6 @@ fn a_durable_daemon_keeps_jobs_across_a_kill() {
     assert_eq!(r["job"]["result"], "kept", "{r}");
     let r = rq(&mut c, json!({"op": "status", "job": later["job"]}));
     assert_eq!(r["job"]["state"], "delayed", "{r}");
+    let s = rq(&mut c, json!({"op": "stats"}));
+    assert!(s["store"]["bytes"].as_u64().is_some_and(|b| b > 0), "{s}");
 }

@@ -467,6 +467,8 @@ fn stats_pause_resume() {
     );
     let s = rq(&mut c, json!({"op": "stats"}));
     assert_eq!(s["ok"], true);
+    assert_eq!(s["active_jobs"], 0);
+    assert_eq!(s["store"], Value::Null, "memory: no store");
     let p = &s["pools"]["default"];
     assert_eq!(p["threads"], 1);
     assert_eq!(p["counters"]["succeeded"], 1);

@@ -1,9 +1,9 @@
 //! `hello`, `stats`, `pause` and `resume`.
 
-use jobd_actors::Handle;
+use jobd_actors::{ErrorInfo, Handle};
 use serde_json::{Value, json};
 
-use crate::protocol::{PROTOCOL_VERSION, Response, SERVER_NAME, SERVER_VERSION};
+use crate::protocol::{PROTOCOL_VERSION, Response, SERVER_NAME, SERVER_VERSION, code};
 
 /// `hello`: who is there and which protocol it speaks.
 pub(super) fn hello(id: Value) -> Response {
@@ -15,13 +15,19 @@ pub(super) fn hello(id: Value) -> Response {
 
 /// `stats`: per pool and per kind counters, gauges and latencies.
 pub(super) async fn stats(h: &Handle, id: Value) -> Response {
-    match h.stats_async().await {
-        Ok(s) => Response::ok(id)
-            .with("pools", json!(s.pools))
-            .with("kinds", json!(s.kinds))
-            .with("active_jobs", json!(s.active_jobs))
-            .with("retained_jobs", json!(s.retained_jobs)),
-        Err(e) => Response::error(id, &e.info()),
+    let snapshot = match h.stats_async().await {
+        Ok(s) => s,
+        Err(e) => return Response::error(id, &e.info()),
+    };
+    // Every field of the snapshot, at the top level of the answer.
+    match serde_json::to_value(&snapshot) {
+        Ok(Value::Object(fields)) => fields
+            .into_iter()
+            .fold(Response::ok(id), |r, (k, v)| r.with(k, v)),
+        Ok(_) | Err(_) => Response::error(
+            id,
+            &ErrorInfo::new(code::INTERNAL, "cannot encode the statistics"),
+        ),
     }
 }
 
