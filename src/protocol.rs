@@ -275,6 +275,7 @@ struct PoolArg {
 #[serde(deny_unknown_fields)]
 struct NoArgs {}
 
+/// Fields of `submit`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SubmitArgs {
@@ -283,6 +284,7 @@ struct SubmitArgs {
     wait: bool,
 }
 
+/// Fields of `submit_batch`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BatchArgs {
@@ -291,6 +293,7 @@ struct BatchArgs {
     wait: bool,
 }
 
+/// Fields of `wait`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WaitArgs {
@@ -299,6 +302,7 @@ struct WaitArgs {
     timeout_ms: Option<u64>,
 }
 
+/// Fields of `list`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListArgs {
@@ -430,7 +434,8 @@ fn parse_list(a: ListArgs) -> Result<ListQuery, ErrorInfo> {
     })
 }
 
-/// The job object of `submit` and `submit_batch`, as sent.
+/// The job object of `submit` and `submit_batch`, as sent. Fields are
+/// those of docs/protocol.md; `parse_job` checks their ranges.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WireJob {
@@ -455,6 +460,7 @@ struct WireJob {
     after: Option<Vec<Value>>,
 }
 
+/// `backoff` as sent; missing members take the defaults.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WireBackoff {

@@ -119,6 +119,7 @@ pub fn prepare_socket_path(path: &Path) -> Result<(), ServerError> {
 
 /// The socket file we created.
 struct SocketFile {
+    /// Where it is.
     path: PathBuf,
     /// (device, inode) of the file, so we only ever remove our own (not a
     /// newer daemon's).
@@ -141,7 +142,9 @@ impl SocketFile {
 
 /// A bound, listening socket and its file.
 struct Bound {
+    /// Accepts connections.
     listener: UnixListener,
+    /// Removed on exit.
     file: SocketFile,
 }
 

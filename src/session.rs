@@ -92,16 +92,23 @@ enum ReadEvent {
 
 /// One read event and the in-flight permit it took.
 struct Incoming {
+    /// What was read.
     event: ReadEvent,
+    /// Released once the answer to it is written (or it needs none).
     permit: OwnedSemaphorePermit,
 }
 
 /// State of the reader stream.
 struct Reader {
+    /// The socket's reading half, split into lines with the size limit.
     lines: FramedRead<OwnedReadHalf, LinesCodec>,
+    /// In-flight permits: one is taken before each line is read.
     permits: Arc<Semaphore>,
+    /// All permits, to tell "nothing in flight" for the idle timeout.
     max_in_flight: usize,
+    /// Silence after which an idle connection is closed.
     idle: Option<Duration>,
+    /// Set after an event that ends reading (error, idle).
     done: bool,
 }
 
