@@ -458,3 +458,42 @@ fn idle_connections_are_closed() {
     );
     assert_eq!(r["state"], "succeeded", "{r}");
 }
+
+#[test]
+fn a_client_gone_mid_wait_frees_its_connection_slot() {
+    // With room for two connections: one waits on a long job and hangs up.
+    // Its slot must come back long before the job ends.
+    let d = Daemon::start_with("max_connections = 2\n", &[]);
+    let connect_ok = || {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut c = d.client();
+            if c.request(json!({"op": "hello"}))
+                .is_ok_and(|r| r["ok"] == true)
+            {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "no free slot");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut gone = connect_ok();
+    gone.send_line(&json!({"id": 1, "op": "submit", "job": {"kind": "sleep", "payload": {"ms": 20000}}, "wait": true}).to_string())
+        .unwrap();
+    let mut b = connect_ok();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rq(&mut b, json!({"op": "list", "state": "running"}))["jobs"] == json!([]) {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(gone);
+    let started = Instant::now();
+    let _c = connect_ok();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let r = rq(&mut b, json!({"op": "list", "state": "running"}));
+    assert_eq!(
+        r["jobs"].as_array().map(Vec::len),
+        Some(1),
+        "the job itself goes on: {r}"
+    );
+}
