@@ -98,6 +98,36 @@ struct Incoming {
     permit: OwnedSemaphorePermit,
 }
 
+/// When the connection last did anything (read a line or wrote answers),
+/// shared by the reader and the writer for the idle timeout.
+struct Activity {
+    /// Start of the session's clock.
+    start: std::time::Instant,
+    /// Milliseconds from `start` to the last activity.
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: std::time::Instant::now(),
+            last_ms: Default::default(),
+        }
+    }
+
+    /// Something happened now.
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the last activity.
+    fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
 /// State of the reader stream.
 struct Reader {
     /// The socket's reading half, split into lines with the size limit.
@@ -108,6 +138,8 @@ struct Reader {
     max_in_flight: usize,
     /// Silence after which an idle connection is closed.
     idle: Option<Duration>,
+    /// Last read or write, for the idle timeout.
+    activity: Arc<Activity>,
     /// Set after an event that ends reading (error, idle).
     done: bool,
 }
@@ -123,22 +155,34 @@ fn read_events(r: Reader) -> impl futures::Stream<Item = Incoming> + 'static {
         loop {
             let next = match r.idle {
                 None => r.lines.next().await,
-                Some(d) => match tokio::time::timeout(d, r.lines.next()).await {
-                    Ok(n) => n,
-                    // Silent, but is anything in flight? (We hold one permit.)
-                    Err(_) if r.permits.available_permits() + 1 >= r.max_in_flight => {
-                        r.done = true;
-                        return Some((
-                            Incoming {
-                                event: ReadEvent::Idle,
-                                permit,
-                            },
-                            r,
-                        ));
+                Some(d) => {
+                    // Wake when `d` has passed since the last activity (a
+                    // full `d` if that moment is already past: requests
+                    // were in flight).
+                    let left = d.saturating_sub(r.activity.quiet_for());
+                    let wait = if left.is_zero() { d } else { left };
+                    match tokio::time::timeout(wait, r.lines.next()).await {
+                        Ok(n) => n,
+                        // Idle: nothing in flight (we hold one permit) and
+                        // nothing read or written for `d`.
+                        Err(_)
+                            if r.permits.available_permits() + 1 >= r.max_in_flight
+                                && r.activity.quiet_for() >= d =>
+                        {
+                            r.done = true;
+                            return Some((
+                                Incoming {
+                                    event: ReadEvent::Idle,
+                                    permit,
+                                },
+                                r,
+                            ));
+                        }
+                        Err(_) => continue,
                     }
-                    Err(_) => continue,
-                },
+                }
             };
+            r.activity.touch();
             let event = match next {
                 None => return None,
                 Some(Ok(line)) => ReadEvent::Line(line),
@@ -212,6 +256,7 @@ async fn write_loop(
     mut outbox: mpsc::Receiver<Outgoing>,
     mut reading_stopped: watch::Receiver<bool>,
     stall: Option<Duration>,
+    activity: Arc<Activity>,
 ) -> WriterEnd {
     let mut buf: Vec<u8> = Vec::with_capacity(8 * 1024);
     let mut held: Vec<OwnedSemaphorePermit> = Vec::new();
@@ -246,6 +291,7 @@ async fn write_loop(
         if let Err(end) = write_all(&mut w, &buf, stall).await {
             return end;
         }
+        activity.touch();
         buf.clear();
         held.clear();
     }
@@ -322,16 +368,18 @@ impl Session {
         let (tx, rx) = mpsc::channel::<Outgoing>(shared.max_in_flight + 1);
         let (stopped_tx, stopped_rx) = watch::channel(false);
         let permits = Arc::new(Semaphore::new(shared.max_in_flight));
+        let activity = Arc::new(Activity::new());
         let reader = Reader {
             lines: FramedRead::new(rd, LinesCodec::new_with_max_length(shared.max_frame_bytes)),
             permits,
             max_in_flight: shared.max_in_flight,
             idle: shared.idle_timeout,
+            activity: activity.clone(),
             done: false,
         };
         let stall = shared.idle_timeout;
         Session::create(move |ctx| {
-            let writer = actix_rt::spawn(write_loop(wr, rx, stopped_rx, stall));
+            let writer = actix_rt::spawn(write_loop(wr, rx, stopped_rx, stall, activity));
             ctx.spawn(actix::fut::wrap_future::<_, Session>(writer).map(
                 |end, _act: &mut Session, ctx: &mut Context<Session>| {
                     match end {

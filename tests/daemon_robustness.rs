@@ -450,13 +450,22 @@ fn idle_connections_are_closed() {
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
         "{waited:?}"
     );
-    // A connection with a request in flight is not idle.
+}
+
+#[test]
+fn the_idle_clock_runs_from_the_last_answer() {
+    // A connection with a request in flight is not idle, and the idle
+    // clock restarts from its answer, not from the request.
+    let d = Daemon::start_with("idle_timeout_secs = 2\n", &[]);
     let mut c = d.client();
     let r = rq(
         &mut c,
-        json!({"op": "submit", "job": {"kind": "sleep", "payload": {"ms": 1500}}, "wait": true}),
+        json!({"op": "submit", "job": {"kind": "sleep", "payload": {"ms": 3900}}, "wait": true}),
     );
     assert_eq!(r["state"], "succeeded", "{r}");
+    std::thread::sleep(Duration::from_millis(1000));
+    let r = rq(&mut c, json!({"op": "hello"}));
+    assert_eq!(r["ok"], true, "closed too early after a late answer: {r}");
 }
 
 #[test]
