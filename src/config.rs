@@ -234,8 +234,8 @@ pub struct Config {
     pub max_frame_bytes: usize,
     /// Connections served at once; more get `unavailable` and a close.
     pub max_connections: usize,
-    /// Close a connection with nothing in flight after this many seconds of
-    /// silence (0 = never). Also how long a write may stall.
+    /// Close a connection with nothing in flight and no traffic for this
+    /// many seconds (0 = never). Also how long a write may stall.
     pub idle_timeout_secs: u64,
     /// Requests one connection may have in flight before the daemon stops
     /// reading from it (at least 64).
