@@ -332,7 +332,10 @@ fn parse_op(op: &str, obj: Map<String, Value>) -> Result<Request, ErrorInfo> {
         }
         "submit" => {
             let a: SubmitArgs = fields(op, obj)?;
-            let job = parse_job(a.job).map_err(|e| bad_request(format!("submit: job: {e}")))?;
+            let job = parse_job(a.job).map_err(|e| match e {
+                JobFieldError::Bad(m) => bad_request(format!("submit: job: {m}")),
+                JobFieldError::NoSuchJob(s) => JobError::NotFound(s).info(),
+            })?;
             Request::Submit { job, wait: a.wait }
         }
         "submit_batch" => {
@@ -482,14 +485,37 @@ fn check_ms(field: &str, ms: u64) -> Result<Duration, String> {
     }
 }
 
+/// Why a submitted job object was refused.
+enum JobFieldError {
+    /// A malformed field (`bad_request`).
+    Bad(String),
+    /// `after` names no job (`not_found` for a single submit).
+    NoSuchJob(String),
+}
+
+impl From<String> for JobFieldError {
+    fn from(m: String) -> Self {
+        JobFieldError::Bad(m)
+    }
+}
+
+impl std::fmt::Display for JobFieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobFieldError::Bad(m) => f.write_str(m),
+            JobFieldError::NoSuchJob(s) => write!(f, "after: no job with id {s}"),
+        }
+    }
+}
+
 /// Turn a submitted job object into a spec, checking every field.
-fn parse_job(v: Value) -> Result<JobSpec, String> {
+fn parse_job(v: Value) -> Result<JobSpec, JobFieldError> {
     if !v.is_object() {
-        return Err(format!("must be an object, not {}", type_name(&v)));
+        return Err(format!("must be an object, not {}", type_name(&v)).into());
     }
     let w: WireJob = serde_json::from_value(v).map_err(|e| e.to_string())?;
     if w.kind.is_empty() {
-        return Err("kind must not be empty".into());
+        return Err(JobFieldError::Bad("kind must not be empty".into()));
     }
     let priority = match w.priority {
         None => 0,
@@ -502,15 +528,15 @@ fn parse_job(v: Value) -> Result<JobSpec, String> {
     };
     let timeout = match w.timeout_ms {
         None => None,
-        Some(0) => return Err("timeout_ms must be at least 1".into()),
+        Some(0) => return Err(JobFieldError::Bad("timeout_ms must be at least 1".into())),
         Some(ms) => Some(check_ms("timeout_ms", ms)?),
     };
     let max_attempts = match w.max_attempts {
         None => None,
         Some(n) if n == 0 || n > MAX_ATTEMPTS => {
-            return Err(format!(
-                "max_attempts must be between 1 and {MAX_ATTEMPTS}, got {n}"
-            ));
+            return Err(
+                format!("max_attempts must be between 1 and {MAX_ATTEMPTS}, got {n}").into(),
+            );
         }
         Some(n) => Some(n as u32),
     };
@@ -524,9 +550,9 @@ fn parse_job(v: Value) -> Result<JobSpec, String> {
             check_ms("backoff.base_ms", base_ms)?;
             check_ms("backoff.max_ms", max_ms)?;
             if !(1.0..=100.0).contains(&factor) {
-                return Err(format!(
-                    "backoff.factor must be between 1 and 100, got {factor}"
-                ));
+                return Err(
+                    format!("backoff.factor must be between 1 and 100, got {factor}").into(),
+                );
             }
             Some(Backoff {
                 base_ms,
@@ -538,21 +564,21 @@ fn parse_job(v: Value) -> Result<JobSpec, String> {
     let after = match w.after {
         None => Vec::new(),
         Some(list) if list.len() > MAX_AFTER => {
-            return Err(format!("after may list at most {MAX_AFTER} jobs"));
+            return Err(format!("after may list at most {MAX_AFTER} jobs").into());
         }
         Some(list) => {
             let mut ids = Vec::with_capacity(list.len());
             for v in &list {
                 match JobRef::from_json(v, "after").map_err(|e| e.message)? {
                     JobRef::Id(id) => ids.push(id),
-                    JobRef::NoSuch(s) => return Err(format!("after: no job with id {s}")),
+                    JobRef::NoSuch(s) => return Err(JobFieldError::NoSuchJob(s)),
                 }
             }
             ids
         }
     };
     if w.pool.as_deref() == Some("") {
-        return Err("pool must not be empty".into());
+        return Err(JobFieldError::Bad("pool must not be empty".into()));
     }
     Ok(JobSpec {
         kind: w.kind,
@@ -735,7 +761,6 @@ mod tests {
             r#"{"kind":"echo","max_attempts":1001}"#,
             r#"{"kind":"echo","backoff":{"factor":-2}}"#,
             r#"{"kind":"echo","after":[{"x":1}]}"#,
-            r#"{"kind":"echo","after":["abc"]}"#,
             r#"{"kind":5}"#,
             r#"{"payload":1}"#,
             r#""echo""#,
@@ -755,6 +780,15 @@ mod tests {
             err(r#"{"id":1,"op":"hello","extra":1}"#).error.code,
             "bad_request"
         );
+    }
+
+    #[test]
+    fn after_naming_no_job_is_not_found() {
+        let r = err(r#"{"id":1,"op":"submit","job":{"kind":"echo","after":["abc"]}}"#);
+        assert_eq!(r.error.code, "not_found");
+        let r = err(r#"{"id":1,"op":"submit_batch","jobs":[{"kind":"echo","after":["abc"]}]}"#);
+        assert_eq!(r.error.code, "bad_request");
+        assert!(r.error.message.contains("job 0"), "{}", r.error.message);
     }
 
     #[test]
