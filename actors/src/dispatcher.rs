@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::context::{AttemptShared, Interrupt};
 use crate::error::JobError;
 use crate::job::{Attempt, ErrorInfo, JobId, JobRecord, JobSpec, JobState, now_ms};
-use crate::pool::{Failure, PoolConfig, RunJob, Worker};
+use crate::pool::{Failure, PANIC_PREFIX, PoolConfig, RunJob, Worker};
 use crate::registry::Registry;
 use crate::reply::{DirectReply, Outcome, Reply};
 use crate::stats::{KindStats, KindTotals, PoolStats, StatsSnapshot, StoreStats};
@@ -533,8 +533,12 @@ impl Dispatcher {
         });
     }
 
-    /// Hand queued jobs to the pool while it has idle workers.
+    /// Hand queued jobs to the pool while it has idle workers. Nothing new
+    /// starts once a shutdown began: those jobs' waiters were already told.
     fn pump(&mut self, pool: usize, ctx: &mut Context<Self>) {
+        if self.closing.is_some() {
+            return;
+        }
         loop {
             let p = &mut self.pools[pool];
             if p.idle == 0 || p.paused {
@@ -886,11 +890,33 @@ impl Dispatcher {
             }
             _ => return Ok(job.rec.clone()),
         }
+        let was_queued = job.rec.state == JobState::Queued;
         job.rec.error = Some(ErrorInfo::new("cancelled", reason));
         self.finish(id, JobState::Cancelled, None, ctx);
+        if was_queued {
+            self.drop_stale_entries(pool);
+        }
         self.record(id)
             .cloned()
             .ok_or_else(|| JobError::Internal("cancelled job vanished".into()))
+    }
+
+    /// A cancelled queued job leaves a stale entry in its pool's heap until
+    /// it is popped, which never happens while the pool is stuck. Callers
+    /// whose `call` times out cancel their job, so without this the heap
+    /// would grow without bound behind a stuck pool. Rebuild it once stale
+    /// entries outnumber live ones: amortised O(1) per cancel.
+    fn drop_stale_entries(&mut self, pool: usize) {
+        let p = &mut self.pools[pool];
+        if p.queue.len() <= 2 * p.queued + 64 {
+            return;
+        }
+        let active = &self.active;
+        p.queue.retain(|e| {
+            active
+                .get(&e.id)
+                .is_some_and(|j| j.rec.state == JobState::Queued && j.seq == e.seq)
+        });
     }
 
     fn retry(&mut self, id: JobId, ctx: &mut Context<Self>) -> Result<JobRecord, JobError> {
@@ -1131,11 +1157,24 @@ pub(crate) fn outcome_of(rec: &JobRecord) -> Outcome {
                 "cancelled"
             },
         }),
-        JobState::Failed | JobState::Dead => Err(JobError::Failed {
-            id: rec.id,
-            message: message(),
-            state: rec.state,
-        }),
+        JobState::Failed | JobState::Dead => {
+            let message = message();
+            // The worker's direct answer says Panicked; a waiter reading the
+            // record must get the same.
+            match message.strip_prefix(PANIC_PREFIX) {
+                Some(m) if rec.error.as_ref().is_some_and(|e| e.code == "job_failed") => {
+                    Err(JobError::Panicked {
+                        id: rec.id,
+                        message: m.to_string(),
+                    })
+                }
+                _ => Err(JobError::Failed {
+                    id: rec.id,
+                    message,
+                    state: rec.state,
+                }),
+            }
+        }
         JobState::Queued | JobState::Delayed | JobState::Running => {
             Err(JobError::Internal(format!("job {} is not final", rec.id)))
         }
@@ -1317,6 +1356,12 @@ impl Handler<SubmitBatch> for Dispatcher {
                         return;
                     }
                     checked.push(Ok((job, delayed)));
+                }
+                // Not the job's fault: the same answer a single submit gets,
+                // so the client knows to retry later.
+                Err(e @ (JobError::QueueFull { .. } | JobError::ShuttingDown)) => {
+                    msg.reply.send(Err(e));
+                    return;
                 }
                 Err(e) => {
                     msg.reply

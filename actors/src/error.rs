@@ -70,13 +70,16 @@ pub enum JobError {
     /// The request itself is malformed (bad options, bad id list, …).
     #[error("{0}")]
     BadRequest(String),
-    /// The runtime is shutting down and takes no new work.
+    /// The runtime is shutting down, or was shut down (`Runtime::shutdown`,
+    /// dropping the `Runtime`, `Handle::shutdown_async`), and takes no new
+    /// work.
     #[error("jobd is shutting down")]
     ShuttingDown,
     /// The input could not be encoded or the output decoded.
     #[error("payload: {0}")]
     Payload(String),
-    /// The runtime's thread is gone (it stopped or crashed).
+    /// The runtime's thread is gone without a shutdown having been asked
+    /// for (it crashed, or its System was stopped from outside jobd).
     #[error("the jobd runtime is gone")]
     RuntimeGone,
     /// A blocking call was made on an actix arbiter thread, where it would

@@ -5,14 +5,16 @@
 //! it, from a plain thread.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::dev::ToEnvelope;
 use actix::{Actor, Addr, Handler, Message};
 use actix_rt::ArbiterHandle;
 use crossbeam_channel::{RecvTimeoutError, bounded};
+use futures::FutureExt;
 use futures::channel::oneshot;
 use futures::future::{AbortHandle, Abortable};
 use serde::Serialize;
@@ -25,6 +27,7 @@ use crate::dispatcher::{
 };
 use crate::error::JobError;
 use crate::job::{JobId, JobOptions, JobRecord, JobSpec};
+use crate::pool::panic_message;
 use crate::reply::{Outcome, Reply};
 use crate::stats::StatsSnapshot;
 
@@ -37,6 +40,10 @@ pub struct Handle {
 struct Inner {
     /// The Dispatcher, owner of all job state.
     dispatcher: Addr<Dispatcher>,
+    /// Set once a shutdown was asked for: a runtime that cannot be reached
+    /// after that was shut down on purpose (`ShuttingDown`), not lost
+    /// (`RuntimeGone`).
+    closed: AtomicBool,
     /// The System arbiter, where bridged futures run.
     arbiter: ArbiterHandle,
     /// Next job id. Allocated here so a caller knows its job's id without a
@@ -62,27 +69,6 @@ fn decode<O: DeserializeOwned>(v: Value) -> Result<O, JobError> {
     serde_json::from_value(v).map_err(|e| JobError::Payload(format!("cannot decode result: {e}")))
 }
 
-/// Block on a sync reply channel with a timeout.
-fn recv<T>(
-    rx: &crossbeam_channel::Receiver<T>,
-    timeout: Duration,
-    id: Option<JobId>,
-) -> Result<T, JobError> {
-    match rx.recv_timeout(timeout) {
-        Ok(v) => Ok(v),
-        Err(RecvTimeoutError::Timeout) => Err(JobError::WaitTimeout {
-            id,
-            waited_ms: timeout.as_millis() as u64,
-        }),
-        Err(RecvTimeoutError::Disconnected) => Err(JobError::RuntimeGone),
-    }
-}
-
-/// Await an async reply; a dropped sender means the runtime is gone.
-async fn recv_async<T>(rx: oneshot::Receiver<T>) -> Result<T, JobError> {
-    rx.await.map_err(|_| JobError::RuntimeGone)
-}
-
 impl Handle {
     pub(crate) fn new(
         dispatcher: Addr<Dispatcher>,
@@ -92,10 +78,42 @@ impl Handle {
         Handle {
             inner: Arc::new(Inner {
                 dispatcher,
+                closed: AtomicBool::new(false),
                 arbiter,
                 next_id,
             }),
         }
+    }
+
+    /// The error for "the runtime cannot be reached".
+    fn gone(&self) -> JobError {
+        if self.inner.closed.load(Ordering::Acquire) {
+            JobError::ShuttingDown
+        } else {
+            JobError::RuntimeGone
+        }
+    }
+
+    /// Block on a sync reply channel with a timeout.
+    fn recv<T>(
+        &self,
+        rx: &crossbeam_channel::Receiver<T>,
+        timeout: Duration,
+        id: Option<JobId>,
+    ) -> Result<T, JobError> {
+        match rx.recv_timeout(timeout) {
+            Ok(v) => Ok(v),
+            Err(RecvTimeoutError::Timeout) => Err(JobError::WaitTimeout {
+                id,
+                waited_ms: timeout.as_millis() as u64,
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(self.gone()),
+        }
+    }
+
+    /// Await an async reply; a dropped sender means the runtime is gone.
+    async fn recv_async<T>(&self, rx: oneshot::Receiver<T>) -> Result<T, JobError> {
+        rx.await.map_err(|_| self.gone())
     }
 
     fn alloc_id(&self) -> JobId {
@@ -111,7 +129,7 @@ impl Handle {
         refuse_on_arbiter()?;
         let (tx, rx) = bounded(1);
         self.inner.dispatcher.do_send(make(Reply::sync(tx)));
-        recv(&rx, timeout, None)
+        self.recv(&rx, timeout, None)
     }
 
     /// An async request/response with the Dispatcher.
@@ -121,7 +139,7 @@ impl Handle {
     ) -> Result<T, JobError> {
         let (tx, rx) = oneshot::channel();
         self.inner.dispatcher.do_send(make(Reply::future(tx)));
-        recv_async(rx).await
+        self.recv_async(rx).await
     }
 
     // ----- jobs, blocking ----------------------------------------------------
@@ -165,7 +183,7 @@ impl Handle {
             ack: None,
             direct: Some(Reply::sync(tx)),
         });
-        match recv(&rx, timeout, Some(id)) {
+        match self.recv(&rx, timeout, Some(id)) {
             Ok(outcome) => decode(outcome?),
             Err(e @ JobError::WaitTimeout { .. }) => {
                 self.inner
@@ -201,7 +219,7 @@ impl Handle {
             ack: Some(Reply::sync(tx)),
             direct: None,
         });
-        rx.recv().map_err(|_| JobError::RuntimeGone)?
+        rx.recv().map_err(|_| self.gone())?
     }
 
     /// Block until job `id` is final, then its typed result (or why not).
@@ -218,7 +236,7 @@ impl Handle {
             id,
             reply: Reply::sync(tx),
         });
-        recv(&rx, timeout, Some(id))?
+        self.recv(&rx, timeout, Some(id))?
     }
 
     /// Block until any of `ids` is final; the record of the first one.
@@ -234,7 +252,7 @@ impl Handle {
             ids: ids.to_vec(),
             reply: Reply::sync(tx),
         });
-        recv(&rx, timeout, None)?
+        self.recv(&rx, timeout, None)?
     }
 
     /// Cancel a job: a queued one never runs, a running one is told to stop
@@ -294,7 +312,7 @@ impl Handle {
             ack: None,
             direct: Some(Reply::future(tx)),
         });
-        decode(recv_async(rx).await??)
+        decode(self.recv_async(rx).await??)
     }
 
     /// Async `submit_spec`.
@@ -306,7 +324,7 @@ impl Handle {
             ack: Some(Reply::future(tx)),
             direct: None,
         });
-        recv_async(rx).await?
+        self.recv_async(rx).await?
     }
 
     /// Async submit of several jobs, all or nothing.
@@ -320,7 +338,7 @@ impl Handle {
             jobs,
             reply: Reply::future(tx),
         });
-        recv_async(rx).await?
+        self.recv_async(rx).await?
     }
 
     /// Submit several jobs, all or nothing (blocking).
@@ -332,7 +350,7 @@ impl Handle {
             jobs,
             reply: Reply::sync(tx),
         });
-        rx.recv().map_err(|_| JobError::RuntimeGone)?
+        rx.recv().map_err(|_| self.gone())?
     }
 
     /// Async `wait_record`: resolves once the job is final.
@@ -342,7 +360,7 @@ impl Handle {
             id,
             reply: Reply::future(tx),
         });
-        recv_async(rx).await?
+        self.recv_async(rx).await?
     }
 
     /// Async `wait_any`.
@@ -357,7 +375,7 @@ impl Handle {
             ids,
             reply: Reply::future(tx),
         });
-        recv_async(rx).await?
+        self.recv_async(rx).await?
     }
 
     /// Async `cancel`.
@@ -393,6 +411,7 @@ impl Handle {
 
     /// Start the shutdown drain; resolves when the System is stopping.
     pub(crate) fn begin_shutdown(&self, deadline: Instant) -> crossbeam_channel::Receiver<()> {
+        self.inner.closed.store(true, Ordering::Release);
         let (tx, rx) = bounded(1);
         self.inner
             .dispatcher
@@ -404,6 +423,7 @@ impl Handle {
     /// daemon's signal handler): stop admitting, drain running jobs until
     /// `deadline`, answer every waiter, then stop the System.
     pub async fn shutdown_async(&self, deadline: Instant) {
+        self.inner.closed.store(true, Ordering::Release);
         let (tx, rx) = oneshot::channel();
         self.inner
             .dispatcher
@@ -434,15 +454,16 @@ impl Handle {
             let _ = tx.send(request.await);
         });
         if !spawned {
-            return Err(JobError::RuntimeGone);
+            return Err(self.gone());
         }
-        recv(&rx, timeout, None)?.map_err(|_| JobError::RuntimeGone)
+        self.recv(&rx, timeout, None)?.map_err(|_| self.gone())
     }
 
     /// From a plain thread, build a future on the System thread with `make`,
     /// run it there and block for its output, at most `timeout`. At the
     /// deadline the future is dropped (never left running) and `WaitTimeout`
-    /// returned. `make` is `Send`; the future it builds need not be, so it may
+    /// returned. If `make` or the future panics, `Internal` carries the
+    /// panic message (the System goes on). `make` is `Send`; the future it builds need not be, so it may
     /// use actix actors and `actix_rt` freely.
     pub fn run<F, Fut, T>(&self, make: F, timeout: Duration) -> Result<T, JobError>
     where
@@ -455,19 +476,24 @@ impl Handle {
         let (abort, registration) = AbortHandle::new_pair();
         let spawned = self.inner.arbiter.spawn_fn(move || {
             actix_rt::spawn(async move {
-                if let Ok(out) = Abortable::new(make(), registration).await {
-                    let _ = tx.send(out);
+                // A panic in `make` or in the future ends this task only;
+                // catch it so the caller hears of it, not of a lost runtime.
+                let guarded = AssertUnwindSafe(async move { make().await }).catch_unwind();
+                if let Ok(out) = Abortable::new(guarded, registration).await {
+                    let _ = tx.send(out.map_err(|p| panic_message(p.as_ref())));
                 }
             });
         });
         if !spawned {
-            return Err(JobError::RuntimeGone);
+            return Err(self.gone());
         }
-        let out = recv(&rx, timeout, None);
+        let out = self.recv(&rx, timeout, None);
         if out.is_err() {
             abort.abort();
         }
-        out
+        out?.map_err(|m| {
+            JobError::Internal(format!("the future given to Handle::run panicked: {m}"))
+        })
     }
 }
 

@@ -348,6 +348,18 @@ pub struct JobRecord {
     pub submitted_by: Option<Peer>,
 }
 
+impl JobRecord {
+    /// The typed result of a final job, or the error its waiters get
+    /// (`Failed`, `Panicked`, `TimedOut`, `Cancelled`); what the blocking
+    /// `Handle::wait` returns, for a record from `wait_async` or `status`.
+    /// A job that is not final yet gives `JobError::Internal`.
+    pub fn outcome<O: serde::de::DeserializeOwned>(&self) -> Result<O, crate::JobError> {
+        let v = crate::dispatcher::outcome_of(self)?;
+        serde_json::from_value(v)
+            .map_err(|e| crate::JobError::Payload(format!("cannot decode result: {e}")))
+    }
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
     SystemTime::now()

@@ -49,11 +49,15 @@ pub(crate) enum Failure {
     Panic(String),
 }
 
+/// How a panic's message starts in a job's record, so that a record read
+/// back later still tells a panic from an error (`outcome_of`).
+pub(crate) const PANIC_PREFIX: &str = "panicked: ";
+
 impl Failure {
     pub(crate) fn message(&self) -> String {
         match self {
             Failure::Error(m) => m.clone(),
-            Failure::Panic(m) => format!("panicked: {m}"),
+            Failure::Panic(m) => format!("{PANIC_PREFIX}{m}"),
         }
     }
 }
@@ -161,15 +165,17 @@ impl Handler<RunJob> for Worker {
         // fires, and a handler that stops then must not count as a success.
         let past_deadline = shared.deadline.is_some_and(|d| Instant::now() >= d);
         let claimed = !past_deadline && shared.claim_finished();
-        if claimed
-            && (outcome.is_ok() || shared.last_attempt)
-            && let Some(reply) = shared.take_direct()
-        {
-            reply.send(match &outcome {
-                Ok(v) => Ok(v.clone()),
-                Err(f) => Err(final_error(shared, f)),
-            });
-        }
+        let direct = if claimed && (outcome.is_ok() || shared.last_attempt) {
+            shared
+                .take_direct()
+                .map(|reply| (reply, outcome.clone().map_err(|f| final_error(shared, &f))))
+        } else {
+            None
+        };
+        // Tell the Dispatcher first, answer the waiter second: whatever the
+        // caller asks next (status, stats, wait) is then queued behind this
+        // report and sees the job final. The reply still goes straight to
+        // the caller, without a hop through the Dispatcher.
         self.dispatcher.do_send(AttemptDone {
             id: shared.id,
             attempt: shared.attempt,
@@ -178,6 +184,9 @@ impl Handler<RunJob> for Worker {
             claimed,
             run_time,
         });
+        if let Some((reply, answer)) = direct {
+            reply.send(answer);
+        }
     }
 }
 
@@ -200,7 +209,8 @@ pub(crate) fn final_error(shared: &AttemptShared, f: &Failure) -> JobError {
     }
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+/// The message of a caught panic (`&str` and `String` payloads).
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = p.downcast_ref::<String>() {
