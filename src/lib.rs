@@ -3,4 +3,6 @@
 //! default paths, configuration, the wire protocol, the socket server and
 //! the built-in job kinds. The binaries are thin `main`s over this.
 
+pub mod client;
+pub mod kinds;
 pub mod paths;
