@@ -121,7 +121,10 @@ fn spawn_jobd(config: &Path, socket: &Path, state_dir: &Path, args: &[&str]) -> 
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
-        .env("JOBD_LOG", std::env::var("JOBD_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "JOBD_LOG",
+            std::env::var("JOBD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn jobd")
@@ -187,8 +190,9 @@ impl Client {
         if self.reader.read_line(&mut line)? == 0 {
             return Ok(Value::Null);
         }
-        serde_json::from_str(&line)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{e}: {line}")))
+        serde_json::from_str(&line).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{e}: {line}"))
+        })
     }
 
     /// Send a request (an `id` is added if missing) and read responses
