@@ -38,12 +38,13 @@ use serde_json::{Map, Value};
 pub enum ClientError {
     /// The socket could not be reached: the daemon is most likely not
     /// running, or listens elsewhere.
-    #[error("cannot connect to {}: is jobd running? ({source})", path.display())]
+    #[error("cannot connect to {}: is jobd running? ({cause})", path.display())]
     Connect {
         /// The socket path tried.
         path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
+        /// What the OS said (in the message, not a separate `source`, so
+        /// that error chains do not print it twice).
+        cause: std::io::Error,
     },
     /// Reading or writing the connection failed (or timed out).
     #[error("connection to jobd failed: {0}")]
@@ -119,9 +120,9 @@ pub struct Client {
 impl Client {
     /// Connect to the daemon's socket.
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+        let stream = UnixStream::connect(path).map_err(|cause| ClientError::Connect {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         let read_half = stream.try_clone()?;
         Ok(Client {

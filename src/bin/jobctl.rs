@@ -36,7 +36,7 @@ Payload: inline JSON, @FILE to read it from a file, or @- for stdin.";
 #[derive(Parser, Debug)]
 #[command(name = "jobctl", version, about = "Control jobd: submit and watch jobs", after_help = AFTER_HELP)]
 struct Cli {
-    /// The daemon's socket (default: see below).
+    /// The daemon's socket (default: $JOBD_SOCKET, else the standard path; see `jobctl --help`).
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// Print the daemon's answers as raw JSON (one object per line).
@@ -76,9 +76,10 @@ enum Cmd {
     },
     /// List jobs, newest first.
     List {
-        /// Only jobs in this state (queued, delayed, running, succeeded,
-        /// failed, cancelled, timed_out, dead).
-        #[arg(long)]
+        /// Only jobs in this state.
+        #[arg(long, value_parser = [
+            "queued", "delayed", "running", "succeeded", "failed", "cancelled", "timed_out", "dead",
+        ])]
         state: Option<String>,
         /// Only jobs of this pool.
         #[arg(long)]
