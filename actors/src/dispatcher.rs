@@ -20,7 +20,8 @@ use crate::job::{Attempt, ErrorInfo, JobId, JobRecord, JobSpec, JobState, now_ms
 use crate::pool::{Failure, PoolConfig, RunJob, Worker};
 use crate::registry::Registry;
 use crate::reply::{DirectReply, Outcome, Reply};
-use crate::stats::{KindStats, KindTotals, PoolStats, StatsSnapshot};
+use crate::stats::{KindStats, KindTotals, PoolStats, StatsSnapshot, StoreStats};
+use crate::store::{Change, Commit, Recovered, StoreActor, StoreError, StoreRead};
 
 /// How long finished jobs are kept for `status`/`wait`, and how many.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +175,68 @@ struct Active {
     waiters: Vec<RecordWaiter>,
     /// Dependencies not yet succeeded.
     deps_left: usize,
+    /// Admitted but not yet committed to the store: it may not run yet.
+    held: bool,
+}
+
+/// The Dispatcher's side of the store: changes waiting to be committed,
+/// the batch in flight, and what to do once a batch is committed.
+pub(crate) struct StoreLink {
+    /// The store's thread.
+    pub(crate) addr: Addr<StoreActor>,
+    /// Changes not sent yet, in order.
+    pending: Vec<Change>,
+    /// job → index of its `Put` in `pending`: a newer record of the same job
+    /// replaces the older one, so a job that is submitted, started and
+    /// finished within one batch is written once.
+    slot: HashMap<JobId, usize>,
+    /// Admissions waiting for `pending` to commit.
+    admissions: Vec<Admission>,
+    /// The batch in flight: its number, and the admissions it carries.
+    in_flight: Option<(u64, Vec<Admission>)>,
+    /// Last batch number used.
+    seq: u64,
+    /// Why the last commit failed, until one succeeds again.
+    failing: Option<String>,
+    /// Store size in bytes, kept up to date by the store thread.
+    pub(crate) size: Arc<std::sync::atomic::AtomicU64>,
+    /// Changes committed so far.
+    committed: u64,
+    /// A `Flush` is on its way to the Dispatcher.
+    flush_scheduled: bool,
+}
+
+impl StoreLink {
+    pub(crate) fn new(addr: Addr<StoreActor>, size: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        StoreLink {
+            addr,
+            pending: Vec::new(),
+            slot: HashMap::new(),
+            admissions: Vec::new(),
+            in_flight: None,
+            seq: 0,
+            failing: None,
+            size,
+            committed: 0,
+            flush_scheduled: false,
+        }
+    }
+}
+
+/// Submissions acknowledged once their batch commits.
+enum Admission {
+    /// One job (`Submit`).
+    One {
+        id: JobId,
+        ack: Option<Reply<Result<SubmitAck, JobError>>>,
+        answer: SubmitAck,
+    },
+    /// A `submit_batch`: all of its new jobs, and the answer for all.
+    Batch {
+        ids: Vec<JobId>,
+        reply: Reply<Result<Vec<SubmitAck>, JobError>>,
+        answer: Vec<SubmitAck>,
+    },
 }
 
 /// The Dispatcher actor.
@@ -201,10 +264,16 @@ pub struct Dispatcher {
     /// Set once shutdown started.
     closing: Option<Closing>,
     heartbeat: Option<(Duration, HeartbeatFn)>,
+    /// The durable store, if any (none: everything lives in memory only).
+    store: Option<StoreLink>,
+    /// What the store held at start, restored when the actor starts.
+    recovered: Option<Recovered>,
 }
 
 struct Closing {
     replies: Vec<Reply<()>>,
+    /// The drain is over; stop as soon as the store is flushed.
+    stop_requested: bool,
 }
 
 impl Dispatcher {
@@ -238,7 +307,15 @@ impl Dispatcher {
             kinds,
             closing: None,
             heartbeat,
+            store: None,
+            recovered: None,
         }
+    }
+
+    /// Persist through this store, resuming from what it held.
+    pub(crate) fn set_store(&mut self, link: StoreLink, recovered: Recovered) {
+        self.store = Some(link);
+        self.recovered = Some(recovered);
     }
 
     /// Give each pool its SyncArbiter address (done right after start, in
@@ -268,6 +345,11 @@ impl Dispatcher {
     fn check(&self, id: JobId, spec: JobSpec) -> Result<(Active, bool), JobError> {
         if self.closing.is_some() {
             return Err(JobError::ShuttingDown);
+        }
+        if let Some(why) = self.store.as_ref().and_then(|s| s.failing.as_ref()) {
+            return Err(JobError::Unavailable(format!(
+                "cannot persist new jobs: {why}"
+            )));
         }
         let kind = self
             .registry
@@ -351,6 +433,7 @@ impl Dispatcher {
             direct: None,
             waiters: Vec::new(),
             deps_left,
+            held: false,
         };
         Ok((active, !delay.is_zero()))
     }
@@ -375,17 +458,24 @@ impl Dispatcher {
         }
         self.pools[pool].counters.submitted += 1;
         self.kind_totals(&job.rec.kind).counters.submitted += 1;
+        // With a store, the job waits for its commit before it may run.
+        job.held = self.store.is_some();
+        let held = job.held;
         if job.deps_left > 0 || delayed {
             self.pools[pool].delayed += 1;
-            if job.deps_left == 0 {
+            if job.deps_left == 0 && !held {
                 job.timer = Some(self.ready_timer(id, job.rec.run_at, ctx));
             }
             self.active.insert(id, job);
         } else {
             self.active.insert(id, job);
-            self.enqueue(id);
-            self.pump(pool, ctx);
+            self.pools[pool].queued += 1;
+            if !held {
+                self.push_entry(id);
+                self.pump(pool, ctx);
+            }
         }
+        self.persist(id, ctx);
         let state = self
             .active
             .get(&id)
@@ -418,8 +508,17 @@ impl Dispatcher {
         self.pump(pool, ctx);
     }
 
-    /// Put a job (already in state queued) into its pool's queue.
+    /// Count a job (already in state queued) as queued in its pool and put
+    /// it into the pool's queue.
     fn enqueue(&mut self, id: JobId) {
+        if let Some(job) = self.active.get(&id) {
+            self.pools[job.pool].queued += 1;
+            self.push_entry(id);
+        }
+    }
+
+    /// Put a job (already counted as queued) into its pool's queue.
+    fn push_entry(&mut self, id: JobId) {
         let Some(job) = self.active.get_mut(&id) else {
             return;
         };
@@ -427,7 +526,6 @@ impl Dispatcher {
         job.seq = self.seq;
         job.ready_at = Instant::now();
         let p = &mut self.pools[job.pool];
-        p.queued += 1;
         p.queue.push(QueueEntry {
             priority: job.rec.priority,
             seq: self.seq,
@@ -501,6 +599,7 @@ impl Dispatcher {
                 handler,
                 payload,
             });
+            self.persist(id, ctx);
         }
     }
 
@@ -550,6 +649,7 @@ impl Dispatcher {
             if let Some(job) = self.active.get_mut(&id) {
                 job.timer = Some(timer);
             }
+            self.persist(id, ctx);
         } else {
             let state = if job.rec.max_attempts > 1 {
                 JobState::Dead
@@ -654,6 +754,7 @@ impl Dispatcher {
                 }
             }
             self.retain(job.rec);
+            self.persist(id, ctx);
         }
     }
 
@@ -676,8 +777,18 @@ impl Dispatcher {
         }
     }
 
-    fn prune_expired(&mut self) {
+    fn prune_expired(&mut self, ctx: &mut Context<Self>) {
         let cutoff = now_ms().saturating_sub(self.retention.ttl.as_millis() as u64);
+        if self.store.as_ref().is_some_and(|s| s.failing.is_none()) {
+            // Small batches: one prune per tick keeps each transaction short.
+            self.persist_change(
+                Change::Prune {
+                    before_ms: cutoff,
+                    limit: PRUNE_BATCH,
+                },
+                ctx,
+            );
+        }
         while self
             .finished_order
             .front()
@@ -837,47 +948,25 @@ impl Dispatcher {
                 direct: None,
                 waiters: Vec::new(),
                 deps_left: 0,
+                held: false,
             },
         );
         self.enqueue(id);
         self.pump(pool, ctx);
+        self.persist(id, ctx);
         self.record(id)
             .cloned()
             .ok_or_else(|| JobError::Internal("retried job vanished".into()))
     }
 
     fn list(&self, q: &ListQuery) -> ListPage {
-        let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-        let mut ids: Vec<JobId> = self
-            .active
-            .values()
-            .map(|a| &a.rec)
-            .chain(self.finished.values())
-            .filter(|r| q.state.is_none_or(|s| r.state == s))
-            .filter(|r| q.pool.as_ref().is_none_or(|p| &r.pool == p))
-            .filter(|r| q.kind.as_ref().is_none_or(|k| &r.kind == k))
-            .map(|r| r.id)
-            .filter(|id| match q.cursor {
-                None => true,
-                Some(c) if q.oldest_first => *id > c,
-                Some(c) => *id < c,
-            })
-            .collect();
-        if q.oldest_first {
-            ids.sort_unstable();
-        } else {
-            ids.sort_unstable_by(|a, b| b.cmp(a));
-        }
-        let more = ids.len() > limit;
-        ids.truncate(limit);
-        let jobs: Vec<JobRecord> = ids
-            .iter()
-            .filter_map(|id| self.record(*id).cloned())
-            .collect();
-        ListPage {
-            cursor: if more { ids.last().copied() } else { None },
-            jobs,
-        }
+        list_records(
+            self.active
+                .values()
+                .map(|a| &a.rec)
+                .chain(self.finished.values()),
+            q,
+        )
     }
 
     fn snapshot(&self) -> StatsSnapshot {
@@ -920,6 +1009,12 @@ impl Dispatcher {
             kinds,
             active_jobs: self.active.len(),
             retained_jobs: self.finished.len(),
+            store: self.store.as_ref().map(|s| StoreStats {
+                bytes: s.size.load(std::sync::atomic::Ordering::Relaxed),
+                pending_changes: s.pending.len(),
+                committed_changes: s.committed,
+                failing: s.failing.clone(),
+            }),
         }
     }
 
@@ -950,11 +1045,65 @@ impl Dispatcher {
                 w.send(Err(JobError::ShuttingDown));
             }
         }
-        for r in replies {
-            r.send(());
+        if let Some(c) = &mut self.closing {
+            c.replies.extend(replies);
+            c.stop_requested = true;
+        }
+        self.stop_when_flushed(ctx);
+    }
+
+    /// Stop once the store has nothing left to write (or cannot write).
+    fn stop_when_flushed(&mut self, ctx: &mut Context<Self>) {
+        if !self.closing.as_ref().is_some_and(|c| c.stop_requested) {
+            return;
+        }
+        let busy = self.store.as_ref().is_some_and(|s| {
+            s.in_flight.is_some() || (!s.pending.is_empty() && s.failing.is_none())
+        });
+        if busy {
+            self.schedule_flush(ctx);
+            return;
+        }
+        if let Some(c) = &mut self.closing {
+            for r in std::mem::take(&mut c.replies) {
+                r.send(());
+            }
         }
         ctx.stop();
         actix::System::current().stop();
+    }
+}
+
+/// One page of `records` matching `q` (filter, order, cursor, limit).
+pub(crate) fn list_records<'a>(
+    records: impl Iterator<Item = &'a JobRecord>,
+    q: &ListQuery,
+) -> ListPage {
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    let mut page: Vec<&JobRecord> = records
+        .filter(|r| q.state.is_none_or(|s| r.state == s))
+        .filter(|r| q.pool.as_ref().is_none_or(|p| &r.pool == p))
+        .filter(|r| q.kind.as_ref().is_none_or(|k| &r.kind == k))
+        .filter(|r| match q.cursor {
+            None => true,
+            Some(c) if q.oldest_first => r.id > c,
+            Some(c) => r.id < c,
+        })
+        .collect();
+    if q.oldest_first {
+        page.sort_unstable_by_key(|r| r.id);
+    } else {
+        page.sort_unstable_by_key(|r| std::cmp::Reverse(r.id));
+    }
+    let more = page.len() > limit;
+    page.truncate(limit);
+    ListPage {
+        cursor: if more {
+            page.last().map(|r| r.id)
+        } else {
+            None
+        },
+        jobs: page.into_iter().cloned().collect(),
     }
 }
 
@@ -999,7 +1148,10 @@ impl Actor for Dispatcher {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // The Dispatcher's mailbox is unbounded for do_send; callers are
         // bounded by max_queued and by their own waiting.
-        ctx.run_interval(Duration::from_secs(1), |act, _| act.prune_expired());
+        ctx.run_interval(Duration::from_secs(1), |act, ctx| act.prune_expired(ctx));
+        if let Some(recovered) = self.recovered.take() {
+            self.restore(recovered, ctx);
+        }
         if let Some((every, _)) = &self.heartbeat {
             ctx.run_interval(*every, |act, _| {
                 let waiting = act.pools.iter().map(|p| p.queued + p.delayed).sum();
@@ -1098,9 +1250,12 @@ impl Handler<Submit> for Dispatcher {
         match self.check(id, spec) {
             Ok((mut job, delayed)) => {
                 job.direct = direct;
-                let result = self.admit(job, delayed, ctx);
-                if let Some(a) = ack {
-                    a.send(Ok(result));
+                let answer = self.admit(job, delayed, ctx);
+                if self.store.is_some() {
+                    let id = answer.id;
+                    self.after_commit(Admission::One { id, ack, answer }, ctx);
+                } else if let Some(a) = ack {
+                    a.send(Ok(answer));
                 }
             }
             Err(e) => {
@@ -1119,10 +1274,9 @@ impl Dispatcher {
     fn add_waiter(&mut self, id: JobId, w: RecordWaiter) {
         if let Some(job) = self.active.get_mut(&id) {
             job.waiters.push(w);
-        } else if let Some(rec) = self.finished.get(&id) {
-            w.send(Ok(rec.clone()));
         } else {
-            w.send(Err(JobError::NotFound(id.to_string())));
+            // Final (in memory or only in the store), or unknown.
+            self.lookup(id, w);
         }
     }
 }
@@ -1171,10 +1325,15 @@ impl Handler<SubmitBatch> for Dispatcher {
                 }
             }
         }
+        let mut new_ids = Vec::new();
         let acks = checked
             .into_iter()
             .map(|c| match c {
-                Ok((job, delayed)) => self.admit(job, delayed, ctx),
+                Ok((job, delayed)) => {
+                    let ack = self.admit(job, delayed, ctx);
+                    new_ids.push(ack.id);
+                    ack
+                }
                 Err(existing) => SubmitAck {
                     id: existing,
                     state: self.record(existing).map_or(JobState::Queued, |r| r.state),
@@ -1182,7 +1341,18 @@ impl Handler<SubmitBatch> for Dispatcher {
                 },
             })
             .collect();
-        msg.reply.send(Ok(acks));
+        if self.store.is_some() {
+            self.after_commit(
+                Admission::Batch {
+                    ids: new_ids,
+                    reply: msg.reply,
+                    answer: acks,
+                },
+                ctx,
+            );
+        } else {
+            msg.reply.send(Ok(acks));
+        }
     }
 }
 
@@ -1219,7 +1389,7 @@ impl Handler<WaitAny> for Dispatcher {
 
     fn handle(&mut self, msg: WaitAny, _: &mut Context<Self>) {
         for id in &msg.ids {
-            if self.record(*id).is_none() {
+            if self.record(*id).is_none() && self.store.is_none() {
                 msg.reply.send(Err(JobError::NotFound(id.to_string())));
                 return;
             }
@@ -1265,19 +1435,49 @@ impl Handler<Query> for Dispatcher {
 
     fn handle(&mut self, msg: Query, ctx: &mut Context<Self>) {
         match msg {
-            Query::Status(id, r) => r.send(
-                self.record(id)
-                    .cloned()
-                    .ok_or_else(|| JobError::NotFound(id.to_string())),
-            ),
+            Query::Status(id, r) => self.lookup(id, r),
+            Query::Cancel(id, r) if !self.active.contains_key(&id) => self.lookup(id, r),
             Query::Cancel(id, r) => r.send(self.cancel(id, "cancelled by request", ctx)),
+            Query::Retry(id, r) if self.record(id).is_none() && self.store.is_some() => {
+                // Finished long ago: fetch it from the store, then retry.
+                let me = ctx.address();
+                if let Some(s) = &self.store {
+                    s.addr.do_send(StoreRead::Get(
+                        id,
+                        Reply::with(move |found| {
+                            me.do_send(RetryLoaded {
+                                id,
+                                found,
+                                reply: r,
+                            })
+                        }),
+                    ));
+                }
+            }
             Query::Retry(id, r) => r.send(self.retry(id, ctx)),
-            Query::List(q, r) => r.send(self.list(&q)),
+            Query::List(q, r) => match &self.store {
+                None => r.send(self.list(&q)),
+                Some(s) => {
+                    let me = ctx.address();
+                    let query = q.clone();
+                    s.addr.do_send(StoreRead::List(
+                        q,
+                        Reply::with(move |page| {
+                            me.do_send(ListLoaded {
+                                q: query,
+                                page,
+                                reply: r,
+                            })
+                        }),
+                    ));
+                }
+            },
             Query::Stats(r) => r.send(self.snapshot()),
             Query::Pause(pool, paused, r) => match self.pool_names.get(&pool).copied() {
                 None => r.send(Err(JobError::UnknownPool(pool))),
                 Some(i) => {
                     self.pools[i].paused = paused;
+                    self.persist_change(Change::Paused(pool.clone(), paused), ctx);
                     if !paused && self.closing.is_none() {
                         self.pump(i, ctx);
                     }
@@ -1289,7 +1489,10 @@ impl Handler<Query> for Dispatcher {
                     c.replies.push(r);
                     return;
                 }
-                self.closing = Some(Closing { replies: vec![r] });
+                self.closing = Some(Closing {
+                    replies: vec![r],
+                    stop_requested: false,
+                });
                 // Jobs that have not started will not start: answer their
                 // waiters now. Running ones finish up to the deadline.
                 for job in self.active.values_mut() {
@@ -1308,6 +1511,574 @@ impl Handler<Query> for Dispatcher {
                     let left = deadline.saturating_duration_since(Instant::now());
                     ctx.run_later(left, |act, ctx| act.close_now(ctx));
                 }
+            }
+        }
+    }
+}
+
+// ----- persistence -----------------------------------------------------------
+
+/// Finished jobs deleted from the store per retention tick.
+const PRUNE_BATCH: usize = 1000;
+
+/// How long to wait before writing again after a failed commit.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+
+/// The error attached to a job that was running when the process died.
+pub(crate) const INTERRUPTED: &str = "interrupted: daemon stopped while running";
+
+impl Dispatcher {
+    /// Queue the current record of `id` for the next commit.
+    fn persist(&mut self, id: JobId, ctx: &mut Context<Self>) {
+        let Some(store) = &mut self.store else {
+            return;
+        };
+        let Some(rec) = self
+            .active
+            .get(&id)
+            .map(|a| &a.rec)
+            .or_else(|| self.finished.get(&id))
+        else {
+            return;
+        };
+        let change = Change::Put(Box::new(rec.clone()));
+        match store.slot.get(&id) {
+            Some(&i) => store.pending[i] = change,
+            None => {
+                store.slot.insert(id, store.pending.len());
+                store.pending.push(change);
+            }
+        }
+        self.schedule_flush(ctx);
+    }
+
+    /// Queue a change that is not a job record.
+    fn persist_change(&mut self, change: Change, ctx: &mut Context<Self>) {
+        if let Some(store) = &mut self.store {
+            store.pending.push(change);
+            self.schedule_flush(ctx);
+        }
+    }
+
+    /// Register submissions to acknowledge once their records commit.
+    fn after_commit(&mut self, a: Admission, ctx: &mut Context<Self>) {
+        if let Some(store) = &mut self.store {
+            store.admissions.push(a);
+            self.schedule_flush(ctx);
+        }
+    }
+
+    /// Send the pending changes as one batch, after the messages already in
+    /// the mailbox (so that they join the batch: group commit).
+    fn schedule_flush(&mut self, ctx: &mut Context<Self>) {
+        if let Some(s) = &mut self.store
+            && !s.flush_scheduled
+        {
+            s.flush_scheduled = true;
+            ctx.notify(Flush);
+        }
+    }
+
+    fn flush(&mut self) {
+        let Some(store) = &mut self.store else {
+            return;
+        };
+        if store.in_flight.is_some() || (store.pending.is_empty() && store.admissions.is_empty()) {
+            return;
+        }
+        store.seq += 1;
+        let batch = std::mem::take(&mut store.pending);
+        store.slot.clear();
+        let admissions = std::mem::take(&mut store.admissions);
+        store.in_flight = Some((store.seq, admissions));
+        store.addr.do_send(Commit {
+            seq: store.seq,
+            batch,
+        });
+    }
+
+    /// A held job's record is committed: let it run.
+    fn release(&mut self, id: JobId, ctx: &mut Context<Self>) {
+        let Some(job) = self.active.get_mut(&id) else {
+            return;
+        };
+        if !job.held {
+            return;
+        }
+        job.held = false;
+        let pool = job.pool;
+        match job.rec.state {
+            JobState::Queued => {
+                self.push_entry(id);
+                if self.closing.is_none() {
+                    self.pump(pool, ctx);
+                }
+            }
+            JobState::Delayed if job.deps_left == 0 => {
+                let run_at = job.rec.run_at;
+                let t = self.ready_timer(id, run_at, ctx);
+                if let Some(job) = self.active.get_mut(&id) {
+                    job.timer = Some(t);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A held job's record could not be committed: forget the job, as if it
+    /// had never been submitted, and tell whoever waits.
+    fn unadmit(&mut self, id: JobId, why: &str, ctx: &mut Context<Self>) {
+        let held = self.active.get(&id).is_some_and(|j| j.held);
+        if !held {
+            return;
+        }
+        let Some(mut job) = self.active.remove(&id) else {
+            return;
+        };
+        if let Some(t) = job.timer.take() {
+            ctx.cancel_future(t);
+        }
+        let p = &mut self.pools[job.pool];
+        match job.rec.state {
+            JobState::Queued => p.queued -= 1,
+            JobState::Delayed => p.delayed -= 1,
+            _ => {}
+        }
+        p.counters.submitted = p.counters.submitted.saturating_sub(1);
+        let k = self.kind_totals(&job.rec.kind);
+        k.counters.submitted = k.counters.submitted.saturating_sub(1);
+        if let Some(key) = &job.rec.unique_key {
+            let k = (job.rec.kind.clone(), key.clone());
+            if self.unique.get(&k) == Some(&id) {
+                self.unique.remove(&k);
+            }
+        }
+        let err = JobError::Unavailable(format!("job not stored: {why}"));
+        if let Some(d) = job.direct.take() {
+            d.send(Err(err.clone()));
+        }
+        for w in job.waiters.drain(..) {
+            w.send(Err(err.clone()));
+        }
+        // Jobs that were admitted after it and wait for it stay waiting for
+        // a job that never comes: cancel them the same way a failed
+        // dependency would.
+        for dep in self.dependents.remove(&id).unwrap_or_default() {
+            if self.active.get(&dep).is_some_and(|d| !d.held) {
+                if let Some(d) = self.active.get_mut(&dep) {
+                    d.rec.error = Some(ErrorInfo::new(
+                        "dependency_failed",
+                        format!("dependency {id} could not be stored"),
+                    ));
+                    let pool = d.pool;
+                    self.pools[pool].delayed -= 1;
+                }
+                self.finish(dep, JobState::Cancelled, None, ctx);
+            } else {
+                self.unadmit(dep, why, ctx);
+            }
+        }
+    }
+
+    /// Resume from what the store held: requeue queued jobs in their order,
+    /// re-arm delay timers, and settle jobs that were running when the
+    /// process died (the attempt counts; retry if attempts remain).
+    fn restore(&mut self, r: Recovered, ctx: &mut Context<Self>) {
+        for name in &r.paused {
+            if let Some(&i) = self.pool_names.get(name) {
+                self.pools[i].paused = true;
+            }
+        }
+        let mut finished = r.finished;
+        finished.sort_by_key(|rec| rec.finished_at.unwrap_or(0));
+        for rec in finished {
+            self.retain(rec);
+        }
+        let now = now_ms();
+        let mut settle = Vec::new();
+        for mut rec in r.active {
+            let id = rec.id;
+            let problem = if !self.registry.kinds.contains_key(&rec.kind) {
+                Some(ErrorInfo::new(
+                    "unknown_kind",
+                    format!("no job kind named '{}' after restart", rec.kind),
+                ))
+            } else if !self.pool_names.contains_key(&rec.pool) {
+                Some(ErrorInfo::new(
+                    "unknown_pool",
+                    format!("no pool named '{}' after restart", rec.pool),
+                ))
+            } else {
+                None
+            };
+            if rec.state == JobState::Running {
+                if let Some(a) = rec.attempts.last_mut() {
+                    a.end.get_or_insert(now);
+                    a.error = Some(INTERRUPTED.to_string());
+                }
+                rec.error = Some(ErrorInfo::new("job_failed", INTERRUPTED));
+                if rec.attempt < rec.max_attempts {
+                    rec.state = JobState::Queued;
+                    rec.run_at = now;
+                } else {
+                    settle.push((id, None));
+                    rec.state = JobState::Queued;
+                }
+            }
+            if let Some(p) = problem {
+                rec.error = Some(p.clone());
+                settle.push((id, Some(p)));
+            }
+            let Some(&pool) = self
+                .pool_names
+                .get(&rec.pool)
+                .or(self.pool_names.get(crate::runtime::DEFAULT_POOL))
+            else {
+                continue;
+            };
+            if let Some(key) = &rec.unique_key {
+                self.unique.insert((rec.kind.clone(), key.clone()), id);
+            }
+            let state = rec.state;
+            self.active.insert(
+                id,
+                Active {
+                    rec,
+                    pool,
+                    seq: 0,
+                    ready_at: Instant::now(),
+                    timer: None,
+                    attempt: None,
+                    direct: None,
+                    waiters: Vec::new(),
+                    deps_left: 0,
+                    held: false,
+                },
+            );
+            match state {
+                JobState::Queued => self.pools[pool].queued += 1,
+                _ => self.pools[pool].delayed += 1,
+            }
+        }
+        // Jobs that cannot run any more end now, as a failed last attempt.
+        for (id, problem) in settle {
+            let Some(job) = self.active.get_mut(&id) else {
+                continue;
+            };
+            self.pools[job.pool].queued -= usize::from(job.rec.state == JobState::Queued);
+            self.pools[job.pool].delayed -= usize::from(job.rec.state == JobState::Delayed);
+            let state = match (&problem, job.rec.max_attempts) {
+                (Some(_), _) | (None, 1) => JobState::Failed,
+                (None, _) => JobState::Dead,
+            };
+            self.finish(id, state, None, ctx);
+        }
+        // Dependencies, then queues and timers, in id (= submission) order.
+        let mut ids: Vec<JobId> = self.active.keys().copied().collect();
+        ids.sort_unstable();
+        for &id in &ids {
+            let after = self
+                .active
+                .get(&id)
+                .map(|j| j.rec.after.clone())
+                .unwrap_or_default();
+            let mut left = 0;
+            let mut failed = None;
+            for dep in after {
+                if self.active.contains_key(&dep) {
+                    left += 1;
+                    self.dependents.entry(dep).or_default().push(id);
+                } else if let Some(r) = self.finished.get(&dep)
+                    && r.state != JobState::Succeeded
+                {
+                    failed = Some((dep, r.state));
+                }
+                // Not in memory: pruned long ago, so it had finished; the
+                // store only keeps ids, so treat it as satisfied.
+            }
+            if let Some((dep, st)) = failed {
+                if let Some(j) = self.active.get_mut(&id) {
+                    j.rec.error = Some(ErrorInfo::new(
+                        "dependency_failed",
+                        format!("dependency {dep} ended {st}"),
+                    ));
+                    let pool = j.pool;
+                    match j.rec.state {
+                        JobState::Queued => self.pools[pool].queued -= 1,
+                        _ => self.pools[pool].delayed -= 1,
+                    }
+                }
+                self.finish(id, JobState::Cancelled, None, ctx);
+                continue;
+            }
+            if let Some(j) = self.active.get_mut(&id) {
+                j.deps_left = left;
+                if left > 0 && j.rec.state == JobState::Queued {
+                    // Waiting for dependencies counts as delayed.
+                    j.rec.state = JobState::Delayed;
+                    let pool = j.pool;
+                    self.pools[pool].queued -= 1;
+                    self.pools[pool].delayed += 1;
+                }
+            }
+        }
+        for &id in &ids {
+            let Some(j) = self.active.get(&id) else {
+                continue;
+            };
+            match j.rec.state {
+                JobState::Queued => self.push_entry(id),
+                JobState::Delayed if j.deps_left == 0 => {
+                    let run_at = j.rec.run_at;
+                    let t = self.ready_timer(id, run_at, ctx);
+                    if let Some(j) = self.active.get_mut(&id) {
+                        j.timer = Some(t);
+                    }
+                }
+                _ => {}
+            }
+            self.persist(id, ctx);
+        }
+        for pool in 0..self.pools.len() {
+            self.pump(pool, ctx);
+        }
+    }
+
+    /// Answer with a job's record from memory, else from the store.
+    fn lookup(&mut self, id: JobId, reply: RecordWaiter) {
+        if let Some(rec) = self.record(id) {
+            reply.send(Ok(rec.clone()));
+            return;
+        }
+        match &self.store {
+            None => reply.send(Err(JobError::NotFound(id.to_string()))),
+            Some(s) => s.addr.do_send(StoreRead::Get(
+                id,
+                Reply::with(move |r: Result<Option<JobRecord>, StoreError>| {
+                    reply.send(match r {
+                        Ok(Some(rec)) => Ok(rec),
+                        Ok(None) => Err(JobError::NotFound(id.to_string())),
+                        Err(e) => Err(JobError::Unavailable(e.0)),
+                    })
+                }),
+            )),
+        }
+    }
+}
+
+/// Send the pending store changes (sent to itself, see `schedule_flush`).
+struct Flush;
+
+impl Message for Flush {
+    type Result = ();
+}
+
+impl Handler<Flush> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, _: Flush, _: &mut Context<Self>) {
+        if let Some(s) = &mut self.store {
+            s.flush_scheduled = false;
+        }
+        self.flush();
+    }
+}
+
+/// The store committed a batch (or failed to).
+pub(crate) struct Committed {
+    pub(crate) seq: u64,
+    pub(crate) batch: Vec<Change>,
+    pub(crate) result: Result<(), StoreError>,
+}
+
+impl Message for Committed {
+    type Result = ();
+}
+
+impl Handler<Committed> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: Committed, ctx: &mut Context<Self>) {
+        let Some(store) = &mut self.store else {
+            return;
+        };
+        let admissions = match store.in_flight.take() {
+            Some((seq, a)) if seq == msg.seq => a,
+            other => {
+                store.in_flight = other;
+                return;
+            }
+        };
+        match msg.result {
+            Ok(()) => {
+                if store.failing.take().is_some() {
+                    tracing::warn!("store writes succeed again");
+                }
+                store.committed += msg.batch.len() as u64;
+                for a in admissions {
+                    match a {
+                        Admission::One { id, ack, answer } => {
+                            self.release(id, ctx);
+                            if let Some(ack) = ack {
+                                ack.send(Ok(answer));
+                            }
+                        }
+                        Admission::Batch { ids, reply, answer } => {
+                            for id in ids {
+                                self.release(id, ctx);
+                            }
+                            reply.send(Ok(answer));
+                        }
+                    }
+                }
+                if self
+                    .store
+                    .as_ref()
+                    .is_some_and(|s| !s.pending.is_empty() || !s.admissions.is_empty())
+                {
+                    self.flush();
+                }
+            }
+            Err(e) => {
+                if store.failing.is_none() {
+                    tracing::error!(
+                        "store write failed, new submissions are refused until it works again: {e}"
+                    );
+                }
+                store.failing = Some(e.0.clone());
+                // Submissions of this batch are refused; every other change
+                // is written again later (a newer pending record of the same
+                // job supersedes it).
+                let mut refused = std::collections::HashSet::new();
+                for a in admissions {
+                    match a {
+                        Admission::One { id, ack, .. } => {
+                            refused.insert(id);
+                            if let Some(ack) = ack {
+                                ack.send(Err(JobError::Unavailable(e.0.clone())));
+                            }
+                        }
+                        Admission::Batch { ids, reply, .. } => {
+                            refused.extend(ids.iter().copied());
+                            reply.send(Err(JobError::Unavailable(e.0.clone())));
+                        }
+                    }
+                }
+                let store = self.store.as_mut().expect("checked above: store is set");
+                let newer = std::mem::take(&mut store.pending);
+                let mut kept: Vec<Change> = msg
+                    .batch
+                    .into_iter()
+                    .filter(|c| match c {
+                        Change::Put(r) => {
+                            !refused.contains(&r.id) && !store.slot.contains_key(&r.id)
+                        }
+                        Change::Paused(..) => true,
+                        Change::Prune { .. } => false,
+                    })
+                    .collect();
+                kept.extend(newer);
+                store.slot = kept
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, c)| match c {
+                        Change::Put(r) => Some((r.id, i)),
+                        _ => None,
+                    })
+                    .collect();
+                store.pending = kept;
+                let first_pool = self.pools.first().map(|p| (p.cfg.name.clone(), p.paused));
+                for id in refused {
+                    self.unadmit(id, &e.0, ctx);
+                }
+                // Try again in a while; with nothing to write, write a tiny
+                // row so that recovery is noticed.
+                ctx.run_later(STORE_RETRY, move |act, ctx| {
+                    if let Some(s) = &mut act.store
+                        && s.pending.is_empty()
+                        && let Some((name, paused)) = first_pool.clone()
+                    {
+                        s.pending.push(Change::Paused(name, paused));
+                    }
+                    act.flush();
+                    act.stop_when_flushed(ctx);
+                });
+            }
+        }
+        self.stop_when_flushed(ctx);
+    }
+}
+
+/// A page read from the store, to be merged with what only memory knows.
+struct ListLoaded {
+    q: ListQuery,
+    page: Result<ListPage, StoreError>,
+    reply: Reply<ListPage>,
+}
+
+impl Message for ListLoaded {
+    type Result = ();
+}
+
+impl Handler<ListLoaded> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: ListLoaded, _: &mut Context<Self>) {
+        let mem = self.list(&msg.q);
+        let Ok(stored) = msg.page else {
+            msg.reply.send(mem);
+            return;
+        };
+        let limit = msg.q.limit.unwrap_or(100).clamp(1, 10_000);
+        let more = stored.cursor.is_some() || mem.cursor.is_some();
+        let mut jobs: Vec<JobRecord> = stored
+            .jobs
+            .into_iter()
+            .filter(|r| self.record(r.id).is_none())
+            .chain(mem.jobs)
+            .collect();
+        if msg.q.oldest_first {
+            jobs.sort_unstable_by_key(|r| r.id);
+        } else {
+            jobs.sort_unstable_by_key(|r| std::cmp::Reverse(r.id));
+        }
+        jobs.dedup_by_key(|r| r.id);
+        let more = more || jobs.len() > limit;
+        jobs.truncate(limit);
+        msg.reply.send(ListPage {
+            cursor: if more {
+                jobs.last().map(|r| r.id)
+            } else {
+                None
+            },
+            jobs,
+        });
+    }
+}
+
+/// A job to retry, read back from the store.
+struct RetryLoaded {
+    id: JobId,
+    found: Result<Option<JobRecord>, StoreError>,
+    reply: Reply<Result<JobRecord, JobError>>,
+}
+
+impl Message for RetryLoaded {
+    type Result = ();
+}
+
+impl Handler<RetryLoaded> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: RetryLoaded, ctx: &mut Context<Self>) {
+        match msg.found {
+            Err(e) => msg.reply.send(Err(JobError::Unavailable(e.0))),
+            Ok(None) => msg.reply.send(Err(JobError::NotFound(msg.id.to_string()))),
+            Ok(Some(rec)) => {
+                if self.record(msg.id).is_none() && rec.state.is_final() {
+                    self.retain(rec);
+                }
+                msg.reply.send(self.retry(msg.id, ctx));
             }
         }
     }

@@ -62,6 +62,7 @@ mod registry;
 mod reply;
 mod runtime;
 mod stats;
+mod store;
 
 pub use context::JobContext;
 pub use dispatcher::{Heartbeat, ListPage, ListQuery, Retention, SubmitAck};
@@ -73,7 +74,8 @@ pub use job::{
 pub use pool::PoolConfig;
 pub use registry::{KindOptions, RawHandler};
 pub use runtime::{DEFAULT_POOL, Runtime, RuntimeBuilder};
-pub use stats::{Counters, KindStats, Percentiles, PoolStats, StatsSnapshot};
+pub use stats::{Counters, KindStats, Percentiles, PoolStats, StatsSnapshot, StoreStats};
+pub use store::{Change, MemoryStore, Recovered, SqliteStore, SqliteSync, Store, StoreError};
 
 /// The Dispatcher actor type, for code that names it (it is not public API
 /// beyond its name).

@@ -85,8 +85,13 @@ impl ThreadCount {
 
     /// Count `n` threads about to be spawned. Counting before the spawn
     /// (not in the thread) means a shutdown right after start still waits.
-    fn add(&self, n: usize) {
+    pub(crate) fn add(&self, n: usize) {
         *self.lock() += n;
+    }
+
+    /// A guard for a thread counted by `add`.
+    pub(crate) fn guard(&self) -> ThreadGuard {
+        ThreadGuard(self.clone())
     }
 
     /// Wait until no worker is alive or the deadline passes; the number
@@ -108,7 +113,7 @@ impl ThreadCount {
 }
 
 /// Held by each worker for the life of its thread.
-struct ThreadGuard(ThreadCount);
+pub(crate) struct ThreadGuard(ThreadCount);
 
 impl Drop for ThreadGuard {
     fn drop(&mut self) {

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -16,11 +16,12 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::context::JobContext;
-use crate::dispatcher::{Dispatcher, Heartbeat, HeartbeatFn, PoolState, Retention};
+use crate::dispatcher::{Dispatcher, Heartbeat, HeartbeatFn, PoolState, Retention, StoreLink};
 use crate::error::{ShutdownError, StartError};
 use crate::handle::Handle;
 use crate::pool::{PoolConfig, THREAD_EXIT_GRACE, ThreadCount, start_pool};
 use crate::registry::{Kind, KindOptions, RawHandler, Registry, erase};
+use crate::store::{Store, start_store};
 
 /// Name of the pool that always exists.
 pub const DEFAULT_POOL: &str = "default";
@@ -31,6 +32,7 @@ pub struct RuntimeBuilder {
     kinds: HashMap<String, Kind>,
     retention: Retention,
     heartbeat: Option<(Duration, HeartbeatFn)>,
+    store: Option<Box<dyn Store>>,
     errors: Vec<String>,
 }
 
@@ -41,6 +43,7 @@ impl RuntimeBuilder {
             kinds: HashMap::new(),
             retention: Retention::default(),
             heartbeat: None,
+            store: None,
             errors: Vec::new(),
         }
     }
@@ -105,6 +108,14 @@ impl RuntimeBuilder {
         self.kind(kind, pool, options, Arc::new(f))
     }
 
+    /// Persist jobs in this store and resume from what it holds. Without
+    /// one, jobs live in memory only. A submission is acknowledged only once
+    /// its job is committed.
+    pub fn store(mut self, store: Box<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
     /// How long and how many finished jobs are kept.
     pub fn retention(mut self, retention: Retention) -> Self {
         self.retention = retention;
@@ -138,7 +149,18 @@ impl RuntimeBuilder {
         }
         let registry = Arc::new(Registry { kinds: self.kinds });
         let threads = ThreadCount::default();
-        let next_id = Arc::new(AtomicU64::new(1));
+        // Recover before anything starts, so a broken store stops start-up
+        // with its own error.
+        let mut store = self.store;
+        let recovered = match &mut store {
+            Some(s) => Some(
+                s.recover(self.retention.max_jobs)
+                    .map_err(|e| StartError::Store(e.0))?,
+            ),
+            None => None,
+        };
+        let first_id = recovered.as_ref().map_or(0, |r| r.max_id) + 1;
+        let next_id = Arc::new(AtomicU64::new(first_id));
         let (ready_tx, ready_rx) = bounded(1);
         let pools = self.pools;
         let retention = self.retention;
@@ -163,6 +185,18 @@ impl RuntimeBuilder {
                         .collect();
                     let mut dispatcher = dispatcher;
                     dispatcher.set_pool_addrs(addrs);
+                    if let (Some(store), Some(recovered)) = (store, recovered) {
+                        let size = Arc::new(AtomicU64::new(0));
+                        let failing = Arc::new(AtomicBool::new(false));
+                        let store_addr = start_store(
+                            store,
+                            addr.clone(),
+                            size.clone(),
+                            failing,
+                            worker_threads.clone(),
+                        );
+                        dispatcher.set_store(StoreLink::new(store_addr, size), recovered);
+                    }
                     let addr = ctx.run(dispatcher);
                     let handle = Handle::new(addr, actix_rt::Arbiter::current(), ids);
                     let _ = ready_tx.send(handle);

@@ -140,6 +140,21 @@ pub struct StatsSnapshot {
     pub kinds: BTreeMap<String, KindStats>,
     /// Jobs not final yet.
     pub active_jobs: usize,
-    /// Finished jobs still kept for `status`.
+    /// Finished jobs still kept in memory for `status`.
     pub retained_jobs: usize,
+    /// The durable store, when there is one.
+    pub store: Option<StoreStats>,
+}
+
+/// The durable store as `stats` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoreStats {
+    /// Bytes on disk (database and write-ahead log).
+    pub bytes: u64,
+    /// Changes waiting for the next commit.
+    pub pending_changes: usize,
+    /// Changes committed since start.
+    pub committed_changes: u64,
+    /// Why writes fail, while they do.
+    pub failing: Option<String>,
 }
