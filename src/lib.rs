@@ -6,10 +6,12 @@
 //! Where things are: `config` (layered configuration), `logging`,
 //! `protocol` (request parsing, response lines), `ops` (running requests
 //! against the runtime), `session` (one actor per connection), `server`
-//! (socket, accept loop, shutdown), `auth` (allow-lists), `kinds` (job
-//! kinds), `daemon` (start-up: config to running server).
+//! (socket, accept loop, shutdown), `auth` (allow-lists), `client` (the
+//! blocking client `jobctl` uses), `kinds` (job kinds), `daemon` (start-up:
+//! config to running server).
 
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod kinds;

@@ -5,7 +5,6 @@
 
 // The shared harness predates clippy's collapsible_if/manual_contains
 // lints; it is not ours to change.
-#[allow(clippy::collapsible_if, clippy::manual_contains)]
 mod common;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};

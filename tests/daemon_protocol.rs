@@ -4,7 +4,6 @@
 
 // The shared harness predates clippy's collapsible_if/manual_contains
 // lints; it is not ours to change.
-#[allow(clippy::collapsible_if, clippy::manual_contains)]
 mod common;
 
 use std::time::{Duration, Instant};

@@ -159,12 +159,9 @@ impl Handler<RunJob> for Worker {
         };
         let run_time = started.elapsed();
         let shared = &job.shared;
-        // An attempt that outlived its deadline is the timeout's to end,
-        // even when the handler noticed first: `ctx.is_cancelled()` turns
-        // true at the deadline, a moment before the Dispatcher's timer
-        // fires, and a handler that stops then must not count as a success.
-        let past_deadline = shared.deadline.is_some_and(|d| Instant::now() >= d);
-        let claimed = !past_deadline && shared.claim_finished();
+        // Past its deadline the attempt is the timeout's to end, even when
+        // the handler noticed first (`claim_finished` refuses then).
+        let claimed = shared.claim_finished();
         let direct = if claimed && (outcome.is_ok() || shared.last_attempt) {
             shared
                 .take_direct()

@@ -74,12 +74,11 @@ impl Daemon {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("jobd exited during start-up: {status}");
             }
-            if let Ok(mut c) = Client::connect(&self.socket) {
-                if let Ok(r) = c.request(json!({"op": "hello"})) {
-                    if r["ok"] == json!(true) {
-                        return;
-                    }
-                }
+            if let Ok(mut c) = Client::connect(&self.socket)
+                && let Ok(r) = c.request(json!({"op": "hello"}))
+                && r["ok"] == json!(true)
+            {
+                return;
             }
             assert!(Instant::now() < deadline, "jobd did not become ready");
             std::thread::sleep(Duration::from_millis(20));
@@ -113,7 +112,7 @@ fn spawn_jobd(config: &Path, socket: &Path, state_dir: &Path, args: &[&str]) -> 
         .arg(socket)
         .arg("--state-dir")
         .arg(state_dir);
-    if !args.iter().any(|a| *a == "--durability") {
+    if !args.contains(&"--durability") {
         cmd.args(["--durability", "memory"]);
     }
     cmd.args(args)
