@@ -121,7 +121,7 @@ fn kill_cycles(cycles: usize) {
                     };
                     let mut n = 0u64;
                     while !stop.load(Ordering::Relaxed) {
-                        let job = if n % 3 == 0 {
+                        let job = if n.is_multiple_of(3) {
                             json!({"kind": "sleep", "payload": {"ms": 2}, "max_attempts": 5,
                                    "backoff": {"base_ms": 1, "factor": 1.0, "max_ms": 1}})
                         } else {
