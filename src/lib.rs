@@ -2,5 +2,22 @@
 //! (`jobctl`) share or need beyond the embeddable runtime in `jobd-actors`:
 //! default paths, configuration, the wire protocol, the socket server and
 //! the built-in job kinds. The binaries are thin `main`s over this.
+//!
+//! Where things are: `config` (layered configuration), `logging`,
+//! `protocol` (request parsing, response lines), `ops` (running requests
+//! against the runtime), `session` (one actor per connection), `server`
+//! (socket, accept loop, shutdown), `auth` (allow-lists), `client` (the
+//! blocking client `jobctl` uses), `kinds` (job kinds), `daemon` (start-up:
+//! config to running server).
 
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod kinds;
+pub mod logging;
+pub mod ops;
 pub mod paths;
+pub mod protocol;
+pub mod server;
+pub mod session;

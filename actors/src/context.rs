@@ -110,8 +110,14 @@ impl AttemptShared {
         Some(self.started()? + self.timeout?)
     }
 
-    /// The worker's claim: true if the handler's outcome stands.
+    /// The worker's claim: true if the handler's outcome stands. Never
+    /// past the deadline: the attempt timed out, whatever the handler
+    /// returned (typically the error of a handler that stopped because
+    /// `is_cancelled()` turned true), and the Dispatcher records it so.
     pub(crate) fn claim_finished(&self) -> bool {
+        if self.deadline().is_some_and(|d| Instant::now() >= d) {
+            return false;
+        }
         self.status
             .compare_exchange(RUNNING, FINISHED, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()

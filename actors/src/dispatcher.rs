@@ -1505,6 +1505,10 @@ impl Dispatcher {
             .is_some_and(|j| j.rec.state == JobState::Running && j.rec.attempt == msg.attempt);
         if msg.claimed && current {
             self.attempt_done(msg, ctx);
+        } else if current {
+            // The handler returned past its deadline (see `claim_finished`):
+            // time the attempt out now instead of when the timer fires.
+            self.on_timeout(msg.id, msg.attempt, ctx);
         }
         if self.closing.is_some() {
             if self.all_idle() {

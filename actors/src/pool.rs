@@ -270,6 +270,8 @@ impl Worker {
         };
         let run_time = started.elapsed();
         let shared = &job.shared;
+        // Past its deadline the attempt is the timeout's to end, even when
+        // the handler noticed first (`claim_finished` refuses then).
         let claimed = shared.claim_finished();
         let direct = if claimed && (outcome.is_ok() || shared.last_attempt) {
             shared

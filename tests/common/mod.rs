@@ -74,12 +74,11 @@ impl Daemon {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("jobd exited during start-up: {status}");
             }
-            if let Ok(mut c) = Client::connect(&self.socket) {
-                if let Ok(r) = c.request(json!({"op": "hello"})) {
-                    if r["ok"] == json!(true) {
-                        return;
-                    }
-                }
+            if let Ok(mut c) = Client::connect(&self.socket)
+                && let Ok(r) = c.request(json!({"op": "hello"}))
+                && r["ok"] == json!(true)
+            {
+                return;
             }
             assert!(Instant::now() < deadline, "jobd did not become ready");
             std::thread::sleep(Duration::from_millis(20));
@@ -113,7 +112,7 @@ fn spawn_jobd(config: &Path, socket: &Path, state_dir: &Path, args: &[&str]) -> 
         .arg(socket)
         .arg("--state-dir")
         .arg(state_dir);
-    if !args.iter().any(|a| *a == "--durability") {
+    if !args.contains(&"--durability") {
         cmd.args(["--durability", "memory"]);
     }
     cmd.args(args)
@@ -121,7 +120,10 @@ fn spawn_jobd(config: &Path, socket: &Path, state_dir: &Path, args: &[&str]) -> 
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
-        .env("JOBD_LOG", std::env::var("JOBD_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "JOBD_LOG",
+            std::env::var("JOBD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn jobd")
@@ -187,8 +189,9 @@ impl Client {
         if self.reader.read_line(&mut line)? == 0 {
             return Ok(Value::Null);
         }
-        serde_json::from_str(&line)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{e}: {line}")))
+        serde_json::from_str(&line).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{e}: {line}"))
+        })
     }
 
     /// Send a request (an `id` is added if missing) and read responses
@@ -206,5 +209,121 @@ impl Client {
                 return Ok(r);
             }
         }
+    }
+}
+
+// ----- added by the daemon branch ------------------------------------------
+
+fn spawn_jobd_env(
+    config: &Path,
+    socket: &Path,
+    state_dir: &Path,
+    env: &[(&str, &str)],
+    stderr: Stdio,
+) -> Child {
+    let mut cmd = Command::new(jobd_bin());
+    cmd.arg("--config")
+        .arg(config)
+        .arg("--socket")
+        .arg(socket)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(["--durability", "memory"])
+        .env_remove("JOBD_SOCKET")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env(
+            "JOBD_LOG",
+            std::env::var("JOBD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stderr(stderr);
+    cmd.spawn().expect("spawn jobd")
+}
+
+impl Daemon {
+    /// Start with extra environment variables. Ready once `hello` gets any
+    /// answer at all (so this also works when the test's uid is refused).
+    pub fn start_env(config: &str, env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state_dir = dir.path().join("state");
+        std::fs::create_dir_all(&state_dir).expect("state dir");
+        let socket = dir.path().join("jobd.sock");
+        let config_path = dir.path().join("jobd.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut child = spawn_jobd_env(&config_path, &socket, &state_dir, env, Stdio::inherit());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("jobd exited during start-up: {status}");
+            }
+            if let Ok(mut c) = Client::connect(&socket)
+                && let Ok(r) = c.request(json!({"op": "hello"}))
+                && !r.is_null()
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "jobd did not become ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon {
+            child,
+            socket,
+            state_dir,
+            dir,
+        }
+    }
+}
+
+/// Run `jobd` with this config text on `socket` (state in a fresh temp
+/// dir), expecting it to stop by itself within `timeout`: its exit status
+/// (None if it was still running and got killed) and its stderr.
+pub fn run_jobd(
+    config: &str,
+    socket: &Path,
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    use std::io::Read;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config_path = dir.path().join("jobd.toml");
+    std::fs::write(&config_path, config).expect("write config");
+    let mut child = spawn_jobd_env(
+        &config_path,
+        socket,
+        &dir.path().join("state"),
+        env,
+        Stdio::piped(),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_string(&mut err);
+    }
+    (status, err)
+}
+
+impl Client {
+    /// Shut down the writing side (the daemon sees end of input).
+    pub fn shutdown_write(&self) -> std::io::Result<()> {
+        self.writer.shutdown(std::net::Shutdown::Write)
+    }
+
+    /// A second handle on the socket, for writing from another thread.
+    pub fn writer_clone(&self) -> std::io::Result<UnixStream> {
+        self.writer.try_clone()
     }
 }
