@@ -1,48 +1,103 @@
-//! `jobd-bench`: a load generator for a running jobd. N connections, each
-//! keeping `depth` requests in flight (pipelining), submit `count` jobs in
-//! all, and report throughput and latency percentiles.
+//! `jobd-bench`: load generator for jobd, and the side-by-side comparison
+//! with beanstalkd that `bench/compare.sh` runs (docs/benchmarks.md).
 //!
-//! Modes: `submit` (admission only: the answer comes once the job is
-//! accepted, and committed with a durable store) and `cycle` (submit with
-//! `wait`: submitted, run, result back).
+//! Modes (`--mode`):
+//! - `submit`, `cycle`: N connections to a running jobd, each keeping
+//!   `depth` requests in flight (pipelining). `submit` is admission only
+//!   (answered once the job is accepted, and committed with a durable
+//!   store); `cycle` submits with `wait` (submitted, run, result back).
+//! - `serve-echo`: a bare NDJSON echo server on `--socket`: every line
+//!   comes straight back. No protocol can do less per request over the
+//!   same socket, so it is the ceiling for jobd's pipelined cycle.
+//! - `echo`: the `cycle` client against such an echo server.
+//! - `beanstalkd`: the same job cycle against beanstalkd on `--addr`,
+//!   speaking its text protocol: producer connections `put` (with `depth`
+//!   jobs in flight each, counted until the job is deleted), worker
+//!   connections `reserve` and `delete`.
+//! - `fill`: queue `--count` jobs on a paused pool of a running memory
+//!   daemon; submit rate per tenth of the way and resident memory per
+//!   queued job.
+//! - `compare`: start everything itself (jobd in each durability mode,
+//!   beanstalkd in three modes, the echo server), run the same no-op cycle
+//!   on each in interleaved rounds, then the memory measurements, and print
+//!   the table with the target ratios.
+//!
+//! Everything stays on this machine: Unix sockets, and TCP to 127.0.0.1.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Parser, ValueEnum};
-use hdrhistogram::Histogram;
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[path = "jobd-bench/beanstalk.rs"]
+mod beanstalk;
+#[path = "jobd-bench/compare.rs"]
+mod compare;
+#[path = "jobd-bench/echo.rs"]
+mod echo;
+#[path = "jobd-bench/fill.rs"]
+mod fill;
+#[path = "jobd-bench/load.rs"]
+mod load;
+#[path = "jobd-bench/measure.rs"]
+mod measure;
+#[path = "jobd-bench/procs.rs"]
+mod procs;
+
+use measure::{Limit, Stats};
+
+/// What to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
-    /// Submit without waiting for the job to run.
+    /// jobd: submit without waiting for the job to run.
     Submit,
-    /// Submit and wait for the result (full cycle).
+    /// jobd: submit and wait for the result (full cycle).
     Cycle,
+    /// Serve a bare NDJSON echo on --socket until killed.
+    ServeEcho,
+    /// The cycle client against an NDJSON echo server on --socket.
+    Echo,
+    /// beanstalkd on --addr: put, reserve, delete.
+    Beanstalkd,
+    /// jobd: queue --count jobs on a paused pool; memory per job.
+    Fill,
+    /// Everything, side by side (see bench/compare.sh).
+    Compare,
 }
 
-/// Load generator for jobd.
+/// Load generator for jobd, and the comparison with beanstalkd.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// The daemon's socket.
-    #[arg(long, env = "JOBD_SOCKET")]
-    socket: PathBuf,
-    /// What each request does.
+    /// What to run.
     #[arg(long, value_enum, default_value = "cycle")]
     mode: Mode,
-    /// Connections, each on its own thread.
+    /// jobd's socket (or the echo server's).
+    #[arg(long, env = "JOBD_SOCKET")]
+    socket: Option<PathBuf>,
+    /// beanstalkd's address (`beanstalkd` mode); loopback only.
+    #[arg(long, default_value = "127.0.0.1:11300")]
+    addr: String,
+    /// Connections (producers for beanstalkd), each on its own thread.
     #[arg(long, default_value_t = 4)]
     connections: usize,
-    /// Requests in flight per connection.
+    /// Requests (jobs) in flight per connection.
     #[arg(long, default_value_t = 64)]
     depth: usize,
-    /// Jobs in all.
+    /// beanstalkd worker connections (reserve + delete).
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Jobs in all (ignored with --seconds).
     #[arg(long, default_value_t = 100_000)]
-    count: usize,
-    /// Job kind.
+    count: u64,
+    /// Run for this long instead of a count.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// With --seconds: run this long first without measuring.
+    #[arg(long, default_value_t = 0.0)]
+    warmup: f64,
+    /// Job kind (jobd modes).
     #[arg(long, default_value = "echo")]
     kind: String,
     /// Payload size in bytes (a JSON string of that length).
@@ -51,126 +106,117 @@ struct Args {
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
+    /// compare: rounds of every cell.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// compare: the jobd binary (default: next to this one).
+    #[arg(long)]
+    jobd: Option<PathBuf>,
+    /// compare: the beanstalkd binary.
+    #[arg(long, default_value = "beanstalkd")]
+    beanstalkd: PathBuf,
+    /// compare: jobs queued for the memory measurement (0: skip it).
+    #[arg(long, default_value_t = 1_000_000)]
+    fill_count: u64,
+    /// compare: only these cells (comma-separated names), for profiling.
+    #[arg(long)]
+    only: Option<String>,
 }
 
-/// What one connection measured.
-struct Run {
-    latencies: Histogram<u64>,
-    failures: u64,
+impl Args {
+    fn limit(&self) -> Limit {
+        match self.seconds {
+            Some(s) => Limit::Time {
+                run: Duration::from_secs_f64(s),
+                warmup: Duration::from_secs_f64(self.warmup),
+            },
+            None => Limit::Count(self.count),
+        }
+    }
+
+    fn socket(&self) -> Result<PathBuf> {
+        match &self.socket {
+            Some(s) => Ok(s.clone()),
+            None => bail!("--socket (or JOBD_SOCKET) is needed for this mode"),
+        }
+    }
 }
 
-fn connection(args: &Args, count: usize, line_base: &str) -> Result<Run> {
-    let stream = UnixStream::connect(&args.socket)
-        .with_context(|| format!("cannot connect to {}", args.socket.display()))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut writer = std::io::BufWriter::new(stream.try_clone()?);
-    let mut reader = BufReader::new(stream);
-    let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut sent_at = vec![Instant::now(); count];
-    let mut failures = 0;
-    let mut sent = 0;
-    let mut received = 0;
-    let mut line = String::new();
-    while received < count {
-        // Fill the window, then flush once: coalesced writes.
-        while sent < count && sent - received < args.depth {
-            sent_at[sent] = Instant::now();
-            writeln!(writer, "{{\"id\":{sent},{line_base}")?;
-            sent += 1;
-        }
-        writer.flush()?;
-        line.clear();
-        if reader.read_line(&mut line)? == 0 {
-            bail!("daemon closed the connection after {received} answers");
-        }
-        let v: serde_json::Value = serde_json::from_str(&line)?;
-        let Some(id) = v["id"].as_u64().map(|i| i as usize).filter(|i| *i < count) else {
-            bail!("answer without a known id: {line}");
-        };
-        if v["ok"] != serde_json::Value::Bool(true) {
-            failures += 1;
-        }
-        latencies.saturating_record(sent_at[id].elapsed().as_micros() as u64);
-        received += 1;
-    }
-    Ok(Run {
-        latencies,
-        failures,
-    })
-}
-
-fn main() -> Result<()> {
-    let args = Args::parse();
-    if args.connections == 0 || args.depth == 0 {
-        bail!("--connections and --depth must be at least 1");
-    }
-    let payload = "x".repeat(args.payload_bytes);
-    let wait = matches!(args.mode, Mode::Cycle);
-    let line_base = format!(
-        "\"op\":\"submit\",\"wait\":{wait},\"job\":{{\"kind\":{},\"payload\":{}}}}}",
-        serde_json::Value::from(args.kind.clone()),
-        serde_json::Value::from(payload)
-    );
-    let per = args.count / args.connections;
-    let started = Instant::now();
-    let runs: Vec<Result<Run>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..args.connections)
-            .map(|i| {
-                let n = if i == 0 {
-                    args.count - per * (args.connections - 1)
-                } else {
-                    per
-                };
-                let args = &args;
-                let line_base = &line_base;
-                s.spawn(move || connection(args, n, line_base))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a connection thread panicked")))
-            })
-            .collect()
-    });
-    let elapsed = started.elapsed();
-    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut failures = 0;
-    for r in runs {
-        let r = r?;
-        all.add(&r.latencies)?;
-        failures += r.failures;
-    }
-    let rate = args.count as f64 / elapsed.as_secs_f64();
-    let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
+/// Print one measured cell.
+fn report(name: &str, args: &Args, s: &Stats) {
     if args.json {
         println!(
             "{}",
             serde_json::json!({
-                "mode": format!("{:?}", args.mode).to_lowercase(),
-                "jobs": args.count, "connections": args.connections, "depth": args.depth,
-                "seconds": elapsed.as_secs_f64(), "jobs_per_sec": rate,
-                "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": all.max() as f64 / 1000.0,
-                "failures": failures,
+                "mode": name, "jobs": s.completed, "connections": args.connections,
+                "depth": args.depth, "seconds": s.elapsed.as_secs_f64(),
+                "jobs_per_sec": s.rate(), "p50_ms": s.p50_ms(), "p99_ms": s.p99_ms(),
+                "max_ms": s.max_ms(), "failures": s.failures,
             })
         );
     } else {
         println!(
-            "{:?}: {} jobs, {} conns x depth {}: {:.0} jobs/s, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms, {} failed",
-            args.mode,
-            args.count,
+            "{name}: {} jobs, {} conns x depth {}: {:.0} jobs/s, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms, {} failed",
+            s.completed,
             args.connections,
             args.depth,
-            rate,
-            ms(0.5),
-            ms(0.99),
-            all.max() as f64 / 1000.0,
-            failures
+            s.rate(),
+            s.p50_ms(),
+            s.p99_ms(),
+            s.max_ms(),
+            s.failures
         );
     }
-    if failures > 0 {
-        bail!("{failures} requests failed");
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.connections == 0 || args.depth == 0 || args.workers == 0 {
+        bail!("--connections, --depth and --workers must be at least 1");
+    }
+    let stats = match args.mode {
+        Mode::ServeEcho => return echo::serve(&args.socket()?),
+        Mode::Compare => return compare::run(&args),
+        Mode::Fill => {
+            let f = fill::fill(&args.socket()?, args.count, args.payload_bytes, true)?;
+            f.print(args.json);
+            return Ok(());
+        }
+        Mode::Submit | Mode::Cycle => {
+            let line = load::submit_line(&args.kind, args.payload_bytes, args.mode == Mode::Cycle);
+            load::run(
+                &args.socket()?,
+                args.connections,
+                args.depth,
+                args.limit(),
+                &line,
+                load::Expect::Jobd,
+            )?
+        }
+        Mode::Echo => {
+            let line = load::submit_line(&args.kind, args.payload_bytes, true);
+            load::run(
+                &args.socket()?,
+                args.connections,
+                args.depth,
+                args.limit(),
+                &line,
+                load::Expect::Echo,
+            )?
+        }
+        Mode::Beanstalkd => beanstalk::run(&beanstalk::Setup {
+            addr: args.addr.clone(),
+            producers: args.connections,
+            workers: args.workers,
+            depth: args.depth,
+            limit: args.limit(),
+            payload_bytes: args.payload_bytes,
+        })?,
+    };
+    let name = format!("{:?}", args.mode).to_lowercase();
+    report(&name, &args, &stats);
+    if stats.failures > 0 {
+        bail!("{} requests failed", stats.failures);
     }
     Ok(())
 }
