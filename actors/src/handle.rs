@@ -339,6 +339,26 @@ impl Handle {
         self.recv_async(rx).await?
     }
 
+    /// Submit a job and await its outcome, as `call_async` does: the worker
+    /// that runs it answers straight (no hop through the Dispatcher, which
+    /// it then need not wake). The job's id is known at once. An admission
+    /// error (unknown kind, full queue, …) comes as the outcome too; a
+    /// caller that must tell it from a failed job asks `status_async(id)`.
+    pub fn submit_direct_async(
+        &self,
+        spec: JobSpec,
+    ) -> (JobId, impl Future<Output = Result<Value, JobError>> + use<'_>) {
+        let id = self.alloc_id();
+        let (tx, rx) = oneshot::channel::<Outcome>();
+        self.inner.dispatcher.do_send(Submit {
+            id,
+            spec,
+            ack: None,
+            direct: Some(Reply::future(tx)),
+        });
+        (id, async move { self.recv_async(rx).await? })
+    }
+
     /// Async submit of several jobs, all or nothing.
     pub async fn submit_batch_async(
         &self,
