@@ -56,8 +56,57 @@ fn ack_response(id: Value, ack: &SubmitAck) -> Response {
     }
 }
 
+/// The answer to a waiting submit of a job that is final.
+fn outcome_response(id: Value, rec: &JobRecord, deduplicated: bool) -> Response {
+    let (ok, fields) = outcome_fields(rec);
+    let mut r = if ok {
+        Response::ok(id)
+    } else {
+        Response::failed(id)
+    };
+    for (k, v) in fields {
+        r = r.with(k, v);
+    }
+    if deduplicated {
+        r = r.with("deduplicated", json!(true));
+    }
+    r
+}
+
+/// A waiting submit through the direct path: one message to the
+/// Dispatcher, and the worker answers a success straight (see
+/// `Handle::submit_direct_async`). Anything else is rare, and is answered
+/// exactly as the waiting path would: from the job's final record, or as
+/// an admission error when the job does not exist.
+async fn submit_direct(h: &Handle, id: Value, job: JobSpec) -> Response {
+    let (job_id, outcome) = h.submit_direct_async(job);
+    let e = match outcome.await {
+        Ok(result) => {
+            return Response::ok(id)
+                .with("job", json!(job_id.to_string()))
+                .with("state", json!(JobState::Succeeded.as_str()))
+                .with("result", result);
+        }
+        Err(e) => e,
+    };
+    match h.status_async(job_id).await {
+        Ok(rec) if rec.state.is_final() => outcome_response(id, &rec, false),
+        // Admitted, but its outcome cannot be told (shutdown).
+        Ok(_) => Response::failed(id)
+            .with("job", json!(job_id.to_string()))
+            .with("error", error_json(&e.info())),
+        // Never admitted.
+        Err(_) => Response::error(id, &e.info()),
+    }
+}
+
 /// `submit`: admit one job; with `wait`, answer with its outcome.
 pub(super) async fn submit(h: &Handle, id: Value, job: JobSpec, wait: bool) -> Response {
+    // A job with a unique key may be answered by another job (deduplicated),
+    // which only the acknowledgement tells.
+    if wait && job.options.unique_key.is_none() {
+        return submit_direct(h, id, job).await;
+    }
     let ack = match h.submit_async(job).await {
         Ok(ack) => ack,
         Err(e) => return Response::error(id, &e.info()),
@@ -66,21 +115,7 @@ pub(super) async fn submit(h: &Handle, id: Value, job: JobSpec, wait: bool) -> R
         return ack_response(id, &ack);
     }
     match h.wait_async(ack.id).await {
-        Ok(rec) => {
-            let (ok, fields) = outcome_fields(&rec);
-            let mut r = if ok {
-                Response::ok(id)
-            } else {
-                Response::failed(id)
-            };
-            for (k, v) in fields {
-                r = r.with(k, v);
-            }
-            if ack.deduplicated {
-                r = r.with("deduplicated", json!(true));
-            }
-            r
-        }
+        Ok(rec) => outcome_response(id, &rec, ack.deduplicated),
         // The job was admitted but its outcome cannot be told (shutdown):
         // say which job it was.
         Err(e) => Response::failed(id)
