@@ -55,6 +55,10 @@ const ABANDON_GRACE: Duration = Duration::from_secs(1);
 /// Responses are written in batches of up to this many bytes.
 const WRITE_BATCH: usize = 64 * 1024;
 
+/// How many times the writer lets other tasks run to gather more answers
+/// before one write (it stops as soon as a round brings nothing new).
+const MAX_YIELDS: usize = 8;
+
 /// What every session shares with the server.
 pub struct Shared {
     /// The runtime.
@@ -279,14 +283,30 @@ async fn write_loop(
             }
         };
         let mut next = Some(first);
-        while let Some((line, permit)) = next.take() {
-            buf.extend_from_slice(line.as_bytes());
-            buf.push(b'\n');
-            held.push(permit);
-            if buf.len() >= WRITE_BATCH {
+        let mut yields = 0;
+        loop {
+            while let Some((line, permit)) = next.take() {
+                buf.extend_from_slice(line.as_bytes());
+                buf.push(b'\n');
+                held.push(permit);
+                if buf.len() >= WRITE_BATCH {
+                    break;
+                }
+                next = outbox.try_recv().ok();
+            }
+            // Coalesce: let the other tasks of this thread that are ready
+            // (answers whose jobs just finished) run first, and write
+            // everything they produced in one syscall. Without this, jobs
+            // finishing one by one on the workers cost a write each.
+            if buf.len() >= WRITE_BATCH || yields == MAX_YIELDS {
                 break;
             }
+            yields += 1;
+            tokio::task::yield_now().await;
             next = outbox.try_recv().ok();
+            if next.is_none() {
+                break;
+            }
         }
         if let Err(end) = write_all(&mut w, &buf, stall).await {
             return end;
