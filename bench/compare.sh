@@ -26,7 +26,7 @@ if ! command -v beanstalkd >/dev/null 2>&1; then
   fi
   $sudo apt-get update
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y beanstalkd
-  [ -n "$created" ] && $sudo rm -f "$policy"
+  if [ -n "$created" ]; then $sudo rm -f "$policy"; fi
 fi
 
 cargo build --release --quiet --bin jobd --bin jobd-bench
