@@ -20,7 +20,7 @@ use crate::job::{Attempt, ErrorInfo, JobId, JobRecord, JobSpec, JobState, now_ms
 use crate::pool::{Failure, PANIC_PREFIX, PoolConfig, RunJob, Worker};
 use crate::registry::Registry;
 use crate::reply::{DirectReply, Outcome, Reply};
-use crate::stats::{KindStats, KindTotals, PoolStats, StatsSnapshot, StoreStats};
+use crate::stats::{KindTotals, PairTotals, PoolStats, StatsSnapshot, StoreStats, pool_breakdown};
 use crate::store::{Change, Commit, Recovered, StoreActor, StoreError, StoreRead};
 
 /// How long finished jobs are kept for `status`/`wait`, and how many.
@@ -326,10 +326,12 @@ impl Dispatcher {
         }
     }
 
-    fn kind_totals(&mut self, kind: &str) -> &mut KindTotals {
+    /// The totals of `kind` in `pool`.
+    fn kind_totals(&mut self, kind: &str, pool: usize) -> &mut PairTotals {
         self.kinds
             .entry(kind.to_string())
             .or_insert_with(KindTotals::new)
+            .pool(pool)
     }
 
     fn record(&self, id: JobId) -> Option<&JobRecord> {
@@ -457,7 +459,7 @@ impl Dispatcher {
             }
         }
         self.pools[pool].counters.submitted += 1;
-        self.kind_totals(&job.rec.kind).counters.submitted += 1;
+        self.kind_totals(&job.rec.kind, pool).counters.submitted += 1;
         // With a store, the job waits for its commit before it may run.
         job.held = self.store.is_some();
         let held = job.held;
@@ -595,7 +597,8 @@ impl Dispatcher {
             let totals = self
                 .kinds
                 .entry(job.rec.kind.clone())
-                .or_insert_with(KindTotals::new);
+                .or_insert_with(KindTotals::new)
+                .pool(pool);
             totals.counters.started += 1;
             totals.queue_wait.record(queue_wait);
             addr.do_send(RunJob {
@@ -648,7 +651,7 @@ impl Dispatcher {
             let kind = job.rec.kind.clone();
             self.pools[pool].delayed += 1;
             self.pools[pool].counters.retried += 1;
-            self.kind_totals(&kind).counters.retried += 1;
+            self.kind_totals(&kind, pool).counters.retried += 1;
             let timer = self.ready_timer(id, run_at, ctx);
             if let Some(job) = self.active.get_mut(&id) {
                 job.timer = Some(timer);
@@ -701,7 +704,8 @@ impl Dispatcher {
             let totals = self
                 .kinds
                 .entry(job.rec.kind.clone())
-                .or_insert_with(KindTotals::new);
+                .or_insert_with(KindTotals::new)
+                .pool(job.pool);
             let k = &mut totals.counters;
             match state {
                 JobState::Succeeded => {
@@ -807,7 +811,7 @@ impl Dispatcher {
         let Some(job) = self.active.get_mut(&msg.id) else {
             return;
         };
-        let kind = job.rec.kind.clone();
+        let (kind, pool) = (job.rec.kind.clone(), job.pool);
         match msg.outcome {
             Ok(v) => {
                 job.attempt = None;
@@ -815,11 +819,11 @@ impl Dispatcher {
                     a.end = Some(now_ms());
                 }
                 self.pools[job.pool].running -= 1;
-                self.kind_totals(&kind).run_time.record(msg.run_time);
+                self.kind_totals(&kind, pool).run_time.record(msg.run_time);
                 self.finish(msg.id, JobState::Succeeded, Some(v), ctx);
             }
             Err(f) => {
-                self.kind_totals(&kind).run_time.record(msg.run_time);
+                self.kind_totals(&kind, pool).run_time.record(msg.run_time);
                 self.attempt_failed(msg.id, f.message(), JobState::Failed, "job_failed", ctx)
             }
         }
@@ -844,7 +848,7 @@ impl Dispatcher {
         let ms = job.rec.timeout_ms.unwrap_or(0);
         let (pool, kind) = (job.pool, job.rec.kind.clone());
         self.pools[pool].counters.timed_out += 1;
-        self.kind_totals(&kind).counters.timed_out += 1;
+        self.kind_totals(&kind, pool).counters.timed_out += 1;
         self.attempt_failed(
             id,
             format!("timed out after {ms} ms"),
@@ -999,7 +1003,9 @@ impl Dispatcher {
         let pools = self
             .pools
             .iter()
-            .map(|p| {
+            .enumerate()
+            .map(|(i, p)| {
+                let (kinds, queue_wait_ms, run_time_ms) = pool_breakdown(i, self.kinds.iter());
                 (
                     p.cfg.name.clone(),
                     PoolStats {
@@ -1012,6 +1018,9 @@ impl Dispatcher {
                         max_queued: p.cfg.max_queued,
                         paused: p.paused,
                         counters: p.counters,
+                        queue_wait_ms,
+                        run_time_ms,
+                        kinds,
                     },
                 )
             })
@@ -1019,16 +1028,7 @@ impl Dispatcher {
         let kinds = self
             .kinds
             .iter()
-            .map(|(k, t)| {
-                (
-                    k.clone(),
-                    KindStats {
-                        counters: t.counters,
-                        queue_wait_ms: t.queue_wait.percentiles(),
-                        run_time_ms: t.run_time.percentiles(),
-                    },
-                )
-            })
+            .map(|(k, t)| (k.clone(), t.stats()))
             .collect();
         StatsSnapshot {
             pools,
@@ -1694,7 +1694,7 @@ impl Dispatcher {
             _ => {}
         }
         p.counters.submitted = p.counters.submitted.saturating_sub(1);
-        let k = self.kind_totals(&job.rec.kind);
+        let k = self.kind_totals(&job.rec.kind, job.pool);
         k.counters.submitted = k.counters.submitted.saturating_sub(1);
         if let Some(key) = &job.rec.unique_key {
             let k = (job.rec.kind.clone(), key.clone());

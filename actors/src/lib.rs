@@ -74,7 +74,10 @@ pub use job::{
 pub use pool::PoolConfig;
 pub use registry::{KindOptions, RawHandler};
 pub use runtime::{DEFAULT_POOL, Runtime, RuntimeBuilder};
-pub use stats::{Counters, KindStats, Percentiles, PoolStats, StatsSnapshot, StoreStats};
+pub use stats::{
+    Counters, Distribution, KindStats, LATENCY_BUCKETS_SECONDS, Percentiles, PoolKindStats,
+    PoolStats, StatsSnapshot, StoreStats,
+};
 pub use store::{Change, MemoryStore, Recovered, SqliteStore, SqliteSync, Store, StoreError};
 
 /// The Dispatcher actor type, for code that names it (it is not public API
