@@ -154,14 +154,16 @@ pub(crate) struct PairTotals {
 /// Running totals of one kind, per pool (a job may run in a pool other
 /// than its kind's). Pools are indexed as the Dispatcher indexes them; a
 /// pool's entry is made on its first job of the kind.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct KindTotals {
     by_pool: Vec<Option<PairTotals>>,
 }
 
 impl KindTotals {
     pub(crate) fn new() -> Self {
-        KindTotals::default()
+        KindTotals {
+            by_pool: Vec::new(),
+        }
     }
 
     /// The totals of this kind in `pool`, made on first use.
