@@ -214,6 +214,62 @@ impl PoolSettings {
     }
 }
 
+/// The `[metrics]` table: the optional HTTP endpoint for Prometheus.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where to serve `GET /metrics`: a loopback `ADDRESS:PORT`
+    /// (`127.0.0.1:9464`, `[::1]:9464`, `localhost:9464`) or an absolute
+    /// Unix socket path. Unset (the default): no endpoint; the `metrics` op
+    /// on the job socket works either way.
+    pub listen: Option<String>,
+}
+
+/// Where the metrics endpoint listens, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// A loopback TCP address.
+    Tcp(std::net::SocketAddr),
+    /// A Unix stream socket.
+    Unix(PathBuf),
+}
+
+impl MetricsConfig {
+    /// The endpoint's address, if one is configured: only loopback
+    /// addresses and absolute Unix socket paths are accepted, so the
+    /// endpoint is never reachable from another machine by accident.
+    pub fn endpoint(&self) -> Result<Option<MetricsListen>, ConfigError> {
+        let Some(raw) = self.listen.as_deref() else {
+            return Ok(None);
+        };
+        let s = raw.trim();
+        if s.starts_with('/') {
+            return Ok(Some(MetricsListen::Unix(PathBuf::from(s))));
+        }
+        let bad = |why: &str| {
+            ConfigError::Invalid(format!(
+                "metrics.listen = {raw:?}: {why}; use a loopback address such as \
+                 \"127.0.0.1:9464\" or \"[::1]:9464\", or an absolute Unix socket path"
+            ))
+        };
+        let addr: std::net::SocketAddr = match s.strip_prefix("localhost:") {
+            Some(port) => {
+                let port: u16 = port.parse().map_err(|_| bad("not a port number"))?;
+                (std::net::Ipv4Addr::LOCALHOST, port).into()
+            }
+            None => s
+                .parse()
+                .map_err(|_| bad("not an IP address with a port"))?,
+        };
+        if !addr.ip().is_loopback() {
+            return Err(bad(
+                "only loopback addresses are allowed (metrics carry no authentication)",
+            ));
+        }
+        Ok(Some(MetricsListen::Tcp(addr)))
+    }
+}
+
 /// Everything the daemon can be configured with. Field names are the TOML
 /// keys; `config/jobd.toml` documents each.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -257,6 +313,8 @@ pub struct Config {
     pub exec: ExecConfig,
     /// Command kinds by name.
     pub kinds: BTreeMap<String, CommandKind>,
+    /// The optional Prometheus endpoint.
+    pub metrics: MetricsConfig,
 }
 
 impl Default for Config {
@@ -279,6 +337,7 @@ impl Default for Config {
             pools: BTreeMap::new(),
             exec: ExecConfig::default(),
             kinds: BTreeMap::new(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -446,6 +505,7 @@ impl Config {
         {
             return bad("socket_group must not be empty (leave it out instead)".into());
         }
+        self.metrics.endpoint()?;
         Ok(())
     }
 
@@ -695,6 +755,48 @@ mod tests {
         assert_eq!(c.pools["io"].threads, Some(8));
         assert_eq!(c.kinds["thumbnail"].argv.len(), 5);
         assert_eq!(c.auth.allow_uids, Vec::<u32>::new());
+    }
+
+    #[test]
+    fn metrics_listen_takes_loopback_or_a_unix_path_only() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.metrics.endpoint().unwrap(), None);
+        let c = load("[metrics]\nlisten = \"127.0.0.1:9464\"\n", &[]).unwrap();
+        assert_eq!(
+            c.metrics.endpoint().unwrap(),
+            Some(MetricsListen::Tcp("127.0.0.1:9464".parse().unwrap()))
+        );
+        let c = load("", &[("JOBD__METRICS__LISTEN", "[::1]:9")]).unwrap();
+        assert_eq!(
+            c.metrics.endpoint().unwrap(),
+            Some(MetricsListen::Tcp("[::1]:9".parse().unwrap()))
+        );
+        let c = load("[metrics]\nlisten = \"localhost:80\"\n", &[]).unwrap();
+        assert_eq!(
+            c.metrics.endpoint().unwrap(),
+            Some(MetricsListen::Tcp("127.0.0.1:80".parse().unwrap()))
+        );
+        let c = load("[metrics]\nlisten = \"/run/jobd/metrics.sock\"\n", &[]).unwrap();
+        assert_eq!(
+            c.metrics.endpoint().unwrap(),
+            Some(MetricsListen::Unix("/run/jobd/metrics.sock".into()))
+        );
+        for bad in [
+            "0.0.0.0:9464",
+            "192.168.1.5:9464",
+            "[::]:1",
+            "example.com:80",
+            "9464",
+            "rel/path",
+        ] {
+            let e = load(&format!("[metrics]\nlisten = \"{bad}\"\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("metrics.listen") && e.contains("loopback"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]
