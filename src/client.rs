@@ -288,7 +288,9 @@ mod tests {
         let path = dir.path().join("s.sock");
         let server = reversing_server(&path, 3);
         let mut c = Client::connect(&path).unwrap();
-        let ids: Vec<u64> = (0..3).map(|_| c.send("hello", Value::Null).unwrap()).collect();
+        let ids: Vec<u64> = (0..3)
+            .map(|_| c.send("hello", Value::Null).unwrap())
+            .collect();
         // Waiting for the first request reads (and keeps) the other two.
         assert_eq!(c.recv(ids[0]).unwrap().get("id"), &json!(ids[0]));
         let mut rest: Vec<u64> = (0..2)

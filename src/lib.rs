@@ -8,7 +8,8 @@
 //! text and the optional HTTP endpoint), `ops` (running requests
 //! against the runtime), `session` (one actor per connection), `server`
 //! (socket, accept loop, shutdown), `auth` (allow-lists), `client` (the
-//! blocking client `jobctl` uses), `kinds` (job kinds), `daemon` (start-up:
+//! blocking client `jobctl` uses), `progress` and `top` (`jobctl`'s
+//! progress bars and dashboard), `kinds` (job kinds), `daemon` (start-up:
 //! config to running server).
 
 pub mod auth;
@@ -20,6 +21,8 @@ pub mod logging;
 pub mod metrics;
 pub mod ops;
 pub mod paths;
+pub mod progress;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod top;

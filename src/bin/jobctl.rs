@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use jobd::client::{Client, Response};
+use jobd::progress::{self, Progress};
 use serde_json::{Map, Value, json};
 
 const AFTER_HELP: &str = "\
@@ -108,14 +109,33 @@ enum Cmd {
     },
     /// Check that the daemon answers; show its version.
     Hello,
+    /// Live dashboard: threads, queues, throughput, latencies, recent
+    /// failures (q quits).
+    Top {
+        /// How often to refresh.
+        #[arg(long, value_parser = parse_duration, default_value = "1s")]
+        interval: Duration,
+    },
+    /// Print a shell completion script, e.g.
+    /// `jobctl completions bash > /etc/bash_completion.d/jobctl`.
+    Completions {
+        /// bash, zsh, fish (also elvish, powershell).
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Args, Debug)]
 struct SubmitArgs {
     /// Job kind (echo, sleep, exec, or a kind from the daemon's config).
-    kind: String,
+    #[arg(required_unless_present = "batch")]
+    kind: Option<String>,
     /// Payload: JSON text, @FILE, or @- for stdin (default: null).
     payload: Option<String>,
+    /// Submit every job in FILE (one JSON job object per line, - for
+    /// stdin), pipelined, with a progress bar; the options below fill in
+    /// fields a line leaves out. With --wait, then wait for all of them.
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["kind", "payload"])]
+    batch: Option<PathBuf>,
     /// Wait for the outcome and print it.
     #[arg(long)]
     wait: bool,
@@ -227,8 +247,20 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> anyhow::Result<Code> {
     // Check the arguments before connecting, so a usage mistake is
     // reported as such even when the daemon is down.
+    if let Cmd::Completions { shell } = &cli.cmd {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(*shell, &mut cmd, "jobctl", &mut std::io::stdout());
+        return Ok(OK);
+    }
     let submit = match &cli.cmd {
         Cmd::Submit(a) => Some(submit_request(a)?),
+        _ => None,
+    };
+    let batch = match (&cli.cmd, &submit) {
+        (Cmd::Submit(a), Some(req)) => match &a.batch {
+            Some(file) => Some(progress::read_batch(file, &batch_defaults(req))?),
+            None => None,
+        },
         _ => None,
     };
     let path = cli
@@ -238,6 +270,10 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
     let mut c = Client::connect(&path)?;
     let json = cli.json;
     match &cli.cmd {
+        Cmd::Submit(a) if batch.is_some() => {
+            let jobs = batch.unwrap_or_default();
+            submit_batch(&mut c, &jobs, a.wait, json)
+        }
         Cmd::Submit(a) => {
             let req = submit.unwrap_or(Value::Null);
             let r = c.call("submit", req)?;
@@ -324,7 +360,67 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             }
             refused(&r)
         }
+        Cmd::Top { interval } => {
+            jobd::top::run(c, *interval)?;
+            Ok(OK)
+        }
+        // Answered before connecting.
+        Cmd::Completions { .. } => Ok(OK),
     }
+}
+
+/// The fields of `submit --batch`'s options that fill in each line's job.
+fn batch_defaults(req: &Value) -> Map<String, Value> {
+    req["job"].as_object().cloned().unwrap_or_default()
+}
+
+/// `submit --batch`: submit every job (pipelined, with progress), print
+/// the ids in file order (or, with --wait, wait and show the outcomes).
+fn submit_batch(
+    c: &mut Client,
+    jobs: &[progress::BatchJob],
+    then_wait: bool,
+    json: bool,
+) -> anyhow::Result<Code> {
+    let total = jobs.len() as u64;
+    let mut p = Progress::auto("submitted", total);
+    let answers = progress::submit_batch(c, jobs, &mut p)?;
+    let mut code = OK;
+    let mut ids = Vec::new();
+    let mut lines = Vec::new();
+    for (job, r) in jobs.iter().zip(&answers) {
+        if json {
+            print_json(r);
+        }
+        match r.error() {
+            Some(e) => {
+                lines.push(format!(
+                    "jobctl: line {}: {}: {}",
+                    job.line, e.code, e.message
+                ));
+                code = JOB_FAILED;
+            }
+            None => ids.push(text(r.get("job"))),
+        }
+    }
+    let refused = jobs.len() - ids.len();
+    let extra = if refused > 0 {
+        format!("{refused} refused")
+    } else {
+        String::new()
+    };
+    p.finish(total, total, &extra);
+    for l in lines {
+        eprintln!("{l}");
+    }
+    if then_wait && !ids.is_empty() {
+        code = code.max(wait(c, &ids, None, json)?);
+    } else if !json {
+        for id in &ids {
+            println!("{id}");
+        }
+    }
+    Ok(code)
 }
 
 /// Exit code of an answer that is not about a job's outcome: 0 when ok,
@@ -341,7 +437,9 @@ fn refused(r: &Response) -> anyhow::Result<Code> {
 
 fn submit_request(a: &SubmitArgs) -> anyhow::Result<Value> {
     let mut job = Map::new();
-    job.insert("kind".into(), Value::from(a.kind.clone()));
+    if let Some(k) = &a.kind {
+        job.insert("kind".into(), Value::from(k.clone()));
+    }
     if let Some(p) = &a.payload {
         job.insert("payload".into(), read_payload(p)?);
     }
@@ -433,10 +531,6 @@ fn record_line(r: &Response, id: &str, json: bool) -> anyhow::Result<Code> {
     refused(r)
 }
 
-/// How long one `wait` request may take when the user set no limit; the
-/// request is simply asked again after a `timeout` answer.
-const WAIT_CHUNK: Duration = Duration::from_secs(60);
-
 /// Wait for every id (pipelined), print one row per job, exit 1 unless all
 /// succeeded.
 fn wait(
@@ -445,26 +539,17 @@ fn wait(
     timeout: Option<Duration>,
     json: bool,
 ) -> anyhow::Result<Code> {
-    let per_request = ms(timeout.unwrap_or(WAIT_CHUNK));
-    let mut pending: Vec<&String> = ids.iter().collect();
-    let mut done: HashMap<&String, Response> = HashMap::new();
-    while !pending.is_empty() {
-        let mut sent = Vec::with_capacity(pending.len());
-        for id in &pending {
-            let req = c.send("wait", json!({ "job": id, "timeout_ms": per_request }))?;
-            sent.push((*id, req));
-        }
-        pending.clear();
-        for (id, req) in sent {
-            let r = c.recv(req)?;
-            let expired = r.error().is_some_and(|e| e.code == "timeout");
-            if expired && timeout.is_none() {
-                pending.push(id);
-            } else {
-                done.insert(id, r);
-            }
-        }
-    }
+    let per_request = ms(timeout.unwrap_or(progress::WAIT_CHUNK));
+    let mut p = if ids.len() > 1 {
+        Progress::auto("final", ids.len() as u64)
+    } else {
+        Progress::Quiet
+    };
+    let answers = progress::wait_all(c, ids, timeout, &mut p)?;
+    let finals = answers.iter().filter(|r| r.is_ok()).count() as u64;
+    let ok_count = progress::succeeded(&answers);
+    p.finish(finals, ids.len() as u64, &format!("{ok_count} succeeded"));
+    let done: HashMap<&String, Response> = ids.iter().zip(answers).collect();
     let mut code = OK;
     let mut rows = Vec::new();
     for id in ids {
