@@ -71,9 +71,15 @@ impl Progress {
     pub fn bar(verb: &'static str, total: u64) -> Progress {
         let bar = ProgressBar::new(total);
         let style = ProgressStyle::with_template(
-            "{msg:>10} [{bar:30}] {pos}/{len} jobs  {per_sec}  ETA {eta}",
+            "{msg:>10} [{bar:30}] {pos}/{len} jobs  {rate}  ETA {eta}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .with_key(
+            "rate",
+            |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0}/s", s.per_sec());
+            },
+        )
         .progress_chars("=> ");
         bar.set_style(style);
         bar.set_message(verb);
