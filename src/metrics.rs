@@ -483,10 +483,14 @@ where
     let handle = handle.clone();
     let turns = turns.clone();
     actix_rt::spawn(async move {
-        let Ok(_turn) = turns.acquire_owned().await else {
-            return;
-        };
-        let _ = tokio::time::timeout(HTTP_TIMEOUT, answer(stream, &handle)).await;
+        // The time limit covers the wait for a turn too: idle connections
+        // cannot pile up behind busy ones.
+        let _ = tokio::time::timeout(HTTP_TIMEOUT, async {
+            if let Ok(_turn) = turns.acquire_owned().await {
+                answer(stream, &handle).await;
+            }
+        })
+        .await;
     });
 }
 
