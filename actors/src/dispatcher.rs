@@ -1,13 +1,17 @@
 //! The Dispatcher actor: the single owner of all job state. It admits jobs
 //! (limits, unique keys, dependencies), keeps per-pool priority queues and
 //! delay timers, hands a job to a pool only when one of its workers is idle
-//! (credit-based dispatch), enforces timeouts, schedules retries, answers
-//! waiters, keeps stats and finished records, and runs the shutdown drain.
+//! (credit-based dispatch; while none is, it offers the best queued jobs in
+//! the pool's handoff slot, see `pool`), enforces timeouts, schedules
+//! retries, answers waiters, keeps stats and finished records, and runs the
+//! shutdown drain. Workers' reports come through an inbox it reads first
+//! thing on every message and timer (`drain`).
 //!
 //! Nothing here blocks: the actor lives on the System arbiter.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +21,7 @@ use serde_json::Value;
 use crate::context::{AttemptShared, Interrupt};
 use crate::error::JobError;
 use crate::job::{Attempt, ErrorInfo, JobId, JobRecord, JobSpec, JobState, now_ms};
-use crate::pool::{Failure, PANIC_PREFIX, PoolConfig, RunJob, Worker};
+use crate::pool::{Failure, OFFER_DEPTH, PANIC_PREFIX, PoolConfig, PoolLink, RunJob, Worker};
 use crate::registry::Registry;
 use crate::reply::{DirectReply, Outcome, Reply};
 use crate::stats::{KindTotals, PairTotals, PoolStats, StatsSnapshot, StoreStats, pool_breakdown};
@@ -113,6 +117,13 @@ pub(crate) struct PoolState {
     paused: bool,
     /// Event counters.
     counters: crate::stats::Counters,
+    /// The handoff slot and report inbox shared with the pool's workers.
+    pub(crate) link: Arc<PoolLink>,
+    /// The queued jobs offered in the handoff slot (id, priority), in the
+    /// order offered, as far as we know: workers may have taken some.
+    offered: Vec<(JobId, i32)>,
+    /// What we last told the workers through `PoolLink::set_starving`.
+    starving: bool,
 }
 
 impl PoolState {
@@ -127,6 +138,9 @@ impl PoolState {
             running: 0,
             paused: false,
             counters: Default::default(),
+            link: Arc::default(),
+            offered: Vec::new(),
+            starving: false,
         }
     }
 }
@@ -154,6 +168,46 @@ impl PartialOrd for QueueEntry {
 }
 
 type RecordWaiter = Reply<Result<JobRecord, JobError>>;
+
+/// A map keyed by job id. Ids come from a counter, never from a client, so
+/// a multiplication hashes them well enough; SipHash cost more than the
+/// rest of a map lookup on the hot path.
+type IdMap<V> = HashMap<JobId, V, BuildHasherDefault<FastHasher>>;
+
+/// Per-kind totals, keyed by registered kind names (admission rejects any
+/// other name before a lookup here), so the same cheap hash is safe.
+type KindMap = HashMap<String, KindTotals, BuildHasherDefault<FastHasher>>;
+
+/// Fibonacci hashing: fold each word in, multiply by 2^64 / golden ratio.
+/// High and low bits both change with every input, as hashbrown needs.
+/// Not for keys an attacker chooses.
+#[derive(Default)]
+struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(w);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            let mut b = [0u8; 8];
+            b[..rest.len()].copy_from_slice(rest);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
 
 /// A job that is not final yet.
 struct Active {
@@ -189,7 +243,7 @@ pub(crate) struct StoreLink {
     /// job → index of its `Put` in `pending`: a newer record of the same job
     /// replaces the older one, so a job that is submitted, started and
     /// finished within one batch is written once.
-    slot: HashMap<JobId, usize>,
+    slot: IdMap<usize>,
     /// Admissions waiting for `pending` to commit.
     admissions: Vec<Admission>,
     /// The batch in flight: its number, and the admissions it carries.
@@ -211,7 +265,7 @@ impl StoreLink {
         StoreLink {
             addr,
             pending: Vec::new(),
-            slot: HashMap::new(),
+            slot: IdMap::default(),
             admissions: Vec::new(),
             in_flight: None,
             seq: 0,
@@ -247,20 +301,20 @@ pub struct Dispatcher {
     pools: Vec<PoolState>,
     pool_names: HashMap<String, usize>,
     /// Jobs that are not final.
-    active: HashMap<JobId, Active>,
+    active: IdMap<Active>,
     /// Finished jobs kept for `status`, `wait` and `list`.
-    finished: HashMap<JobId, JobRecord>,
+    finished: IdMap<JobRecord>,
     /// Finished ids in finishing order, for pruning.
     finished_order: VecDeque<(u64, JobId)>,
     retention: Retention,
     /// (kind, unique_key) → the active job holding the key.
     unique: HashMap<(String, String), JobId>,
     /// job → jobs waiting for it to succeed.
-    dependents: HashMap<JobId, Vec<JobId>>,
+    dependents: IdMap<Vec<JobId>>,
     /// Queue sequence numbers, for FIFO within a priority.
     seq: u64,
     /// Per-kind totals.
-    kinds: HashMap<String, KindTotals>,
+    kinds: KindMap,
     /// Set once shutdown started.
     closing: Option<Closing>,
     heartbeat: Option<(Duration, HeartbeatFn)>,
@@ -268,6 +322,9 @@ pub struct Dispatcher {
     store: Option<StoreLink>,
     /// What the store held at start, restored when the actor starts.
     recovered: Option<Recovered>,
+    /// A `Wake` to ourselves is queued: the report inboxes must be read
+    /// once more after a flag the workers read was raised.
+    recheck_queued: bool,
 }
 
 struct Closing {
@@ -297,23 +354,29 @@ impl Dispatcher {
             registry,
             pools,
             pool_names,
-            active: HashMap::new(),
-            finished: HashMap::new(),
+            active: IdMap::default(),
+            finished: IdMap::default(),
             finished_order: VecDeque::new(),
             retention,
             unique: HashMap::new(),
-            dependents: HashMap::new(),
+            dependents: IdMap::default(),
             seq: 0,
             kinds,
             closing: None,
             heartbeat,
             store: None,
             recovered: None,
+            recheck_queued: false,
         }
     }
 
     /// Persist through this store, resuming from what it held.
     pub(crate) fn set_store(&mut self, link: StoreLink, recovered: Recovered) {
+        // Finished jobs should reach the store soon, not at the next
+        // message: every report wakes the Dispatcher.
+        for p in &self.pools {
+            p.link.set_eager();
+        }
         self.store = Some(link);
         self.recovered = Some(recovered);
     }
@@ -328,10 +391,7 @@ impl Dispatcher {
 
     /// The totals of `kind` in `pool`.
     fn kind_totals(&mut self, kind: &str, pool: usize) -> &mut PairTotals {
-        self.kinds
-            .entry(kind.to_string())
-            .or_insert_with(KindTotals::new)
-            .pool(pool)
+        kind_totals(&mut self.kinds, kind).pool(pool)
     }
 
     fn record(&self, id: JobId) -> Option<&JobRecord> {
@@ -453,10 +513,19 @@ impl Dispatcher {
         if let Some(key) = &job.rec.unique_key {
             self.unique.insert((job.rec.kind.clone(), key.clone()), id);
         }
+        let mut notified = false;
         for dep in &job.rec.after {
-            if self.active.contains_key(dep) {
+            if let Some(d) = self.active.get(dep) {
                 self.dependents.entry(*dep).or_default().push(id);
+                // A started dependency must report at once when it ends.
+                if let Some(s) = &d.attempt {
+                    s.request_notify();
+                    notified = true;
+                }
             }
+        }
+        if notified {
+            self.recheck(ctx);
         }
         self.pools[pool].counters.submitted += 1;
         self.kind_totals(&job.rec.kind, pool).counters.submitted += 1;
@@ -491,7 +560,10 @@ impl Dispatcher {
 
     fn ready_timer(&mut self, id: JobId, run_at: u64, ctx: &mut Context<Self>) -> SpawnHandle {
         let wait = Duration::from_millis(run_at.saturating_sub(now_ms()));
-        ctx.run_later(wait, move |act, ctx| act.make_ready(id, ctx))
+        ctx.run_later(wait, move |act, ctx| {
+            act.drain(ctx);
+            act.make_ready(id, ctx)
+        })
     }
 
     /// A delayed job's time came, or its last dependency succeeded.
@@ -535,79 +607,219 @@ impl Dispatcher {
         });
     }
 
-    /// Hand queued jobs to the pool while it has idle workers. Nothing new
+    /// Hand queued jobs to the pool while it has idle workers; while it has
+    /// none, offer the best queued ones in its handoff slot, where a worker
+    /// that finishes takes the next without waiting for us. Nothing new
     /// starts once a shutdown began: those jobs' waiters were already told.
     fn pump(&mut self, pool: usize, ctx: &mut Context<Self>) {
+        self.pump_jobs(pool, ctx);
+        self.update_starving(pool, ctx);
+    }
+
+    fn pump_jobs(&mut self, pool: usize, ctx: &mut Context<Self>) {
         if self.closing.is_some() {
             return;
         }
-        loop {
-            let p = &mut self.pools[pool];
-            if p.idle == 0 || p.paused {
-                return;
+        let p = &self.pools[pool];
+        if let Some(&(_, worst)) = p.offered.last() {
+            // Offers must stay the best queued jobs, and an idle worker gets
+            // its job the ordinary way.
+            let outranked = p.queue.peek().is_some_and(|top| top.priority > worst);
+            if p.idle > 0 || p.paused || outranked {
+                self.revoke_offers(pool, ctx);
             }
-            let Some(entry) = p.queue.pop() else {
-                return;
-            };
-            let Some(job) = self.active.get_mut(&entry.id) else {
-                continue;
-            };
-            if job.rec.state != JobState::Queued || job.seq != entry.seq {
-                continue;
-            }
-            p.queued -= 1;
-            p.idle -= 1;
-            p.running += 1;
-            p.counters.started += 1;
-            let Some(addr) = p.addr.clone() else {
-                // Invariant: pools get their address before any job.
-                return;
-            };
-            let id = entry.id;
-            job.rec.state = JobState::Running;
-            job.rec.attempt += 1;
-            let now = now_ms();
-            job.rec.started_at = Some(now);
-            job.rec.attempts.push(Attempt {
-                start: now,
-                end: None,
-                error: None,
-            });
-            let attempt = job.rec.attempt;
-            let timeout = job.rec.timeout_ms.map(Duration::from_millis);
-            let shared = Arc::new(AttemptShared::new(
-                id,
-                attempt,
-                attempt >= job.rec.max_attempts,
-                timeout.map(|t| Instant::now() + t),
-                job.direct.take(),
-            ));
-            job.attempt = Some(shared.clone());
-            if let Some(t) = timeout {
-                job.timer =
-                    Some(ctx.run_later(t, move |act, ctx| act.on_timeout(id, attempt, ctx)));
-            }
-            let queue_wait = job.ready_at.elapsed();
-            let Some(kind) = self.registry.kinds.get(&job.rec.kind) else {
-                // Invariant: admission checked the kind exists.
-                return;
-            };
-            let handler = kind.handler.clone();
-            let payload = job.rec.payload.clone();
-            let totals = self
-                .kinds
-                .entry(job.rec.kind.clone())
-                .or_insert_with(KindTotals::new)
-                .pool(pool);
-            totals.counters.started += 1;
-            totals.queue_wait.record(queue_wait);
-            addr.do_send(RunJob {
-                shared,
-                handler,
-                payload,
-            });
-            self.persist(id, ctx);
         }
+        loop {
+            let p = &self.pools[pool];
+            if p.idle == 0 || p.paused {
+                break;
+            }
+            let Some(id) = self.pop_ready(pool) else {
+                return;
+            };
+            let Some(run) = self.prepare(id) else {
+                continue;
+            };
+            self.pools[pool].idle -= 1;
+            let started = run.shared.start();
+            self.mark_started(id, started, ctx);
+            // Invariant: pools get their address before any job.
+            if let Some(addr) = &self.pools[pool].addr {
+                addr.do_send(run);
+            }
+        }
+        while self.pools[pool].offered.len() < OFFER_DEPTH && !self.pools[pool].paused {
+            let Some(id) = self.pop_ready(pool) else {
+                return;
+            };
+            let Some(run) = self.prepare(id) else {
+                continue;
+            };
+            let priority = self.active.get(&id).map_or(0, |j| j.rec.priority);
+            let p = &mut self.pools[pool];
+            p.offered.push((id, priority));
+            p.link.offer(run);
+        }
+    }
+
+    /// Tell the pool's workers whether jobs wait for one of them.
+    fn update_starving(&mut self, pool: usize, ctx: &mut Context<Self>) {
+        let p = &mut self.pools[pool];
+        let starving = p.queued > p.offered.len() && !p.paused && self.closing.is_none();
+        if starving != p.starving {
+            p.starving = starving;
+            p.link.set_starving(starving);
+            if starving {
+                self.recheck(ctx);
+            }
+        }
+    }
+
+    /// Read the report inboxes once more soon, after raising a flag that
+    /// workers read after filing a report: a worker that read it before it
+    /// was raised did not wake us, but its report is in the inbox by now.
+    fn recheck(&mut self, ctx: &mut Context<Self>) {
+        if !self.recheck_queued {
+            self.recheck_queued = true;
+            ctx.notify(Wake);
+        }
+    }
+
+    /// Handle every report the workers filed. Called first thing on every
+    /// message and timer, so nothing is answered from stale state.
+    fn drain(&mut self, ctx: &mut Context<Self>) {
+        for i in 0..self.pools.len() {
+            while let Some(report) = self.pools[i].link.next_report() {
+                self.on_report(report, ctx);
+            }
+        }
+    }
+
+    /// The best queued job of a pool, off its heap (stale entries skipped).
+    fn pop_ready(&mut self, pool: usize) -> Option<JobId> {
+        let p = &mut self.pools[pool];
+        while let Some(entry) = p.queue.pop() {
+            if self
+                .active
+                .get(&entry.id)
+                .is_some_and(|j| j.rec.state == JobState::Queued && j.seq == entry.seq)
+            {
+                return Some(entry.id);
+            }
+        }
+        None
+    }
+
+    /// The next attempt of a queued job, ready for a worker. The job stays
+    /// queued until `mark_started`.
+    fn prepare(&mut self, id: JobId) -> Option<RunJob> {
+        let job = self.active.get_mut(&id)?;
+        // Invariant: admission checked the kind exists.
+        let kind = self.registry.kinds.get(&job.rec.kind)?;
+        let attempt = job.rec.attempt + 1;
+        let shared = Arc::new(AttemptShared::new(
+            id,
+            attempt,
+            attempt >= job.rec.max_attempts,
+            job.rec.timeout_ms.map(Duration::from_millis),
+            job.direct.take(),
+        ));
+        if !job.waiters.is_empty() || self.dependents.contains_key(&id) {
+            shared.request_notify();
+        }
+        job.attempt = Some(shared.clone());
+        Some(RunJob {
+            shared,
+            handler: kind.handler.clone(),
+            payload: job.rec.payload.clone(),
+        })
+    }
+
+    /// A worker started the prepared attempt of a queued job at `started`:
+    /// the job is running. The caller settles the pool's idle count.
+    fn mark_started(&mut self, id: JobId, started: Instant, ctx: &mut Context<Self>) {
+        let Some(job) = self.active.get_mut(&id) else {
+            return;
+        };
+        let p = &mut self.pools[job.pool];
+        p.queued -= 1;
+        p.running += 1;
+        p.counters.started += 1;
+        job.rec.state = JobState::Running;
+        job.rec.attempt += 1;
+        let ago = started.elapsed();
+        let start_ms = now_ms().saturating_sub(ago.as_millis() as u64);
+        job.rec.started_at = Some(start_ms);
+        job.rec.attempts.push(Attempt {
+            start: start_ms,
+            end: None,
+            error: None,
+        });
+        let attempt = job.rec.attempt;
+        if let Some(t) = job.rec.timeout_ms.map(Duration::from_millis) {
+            job.timer = Some(ctx.run_later(t.saturating_sub(ago), move |act, ctx| {
+                act.drain(ctx);
+                act.on_timeout(id, attempt, ctx)
+            }));
+        }
+        let queue_wait = started.saturating_duration_since(job.ready_at);
+        let totals = kind_totals(&mut self.kinds, &job.rec.kind).pool(job.pool);
+        totals.counters.started += 1;
+        totals.queue_wait.record(queue_wait);
+        self.persist(id, ctx);
+    }
+
+    /// Take back the jobs offered in a pool's handoff slot: they go back to
+    /// the queue at their old places. Those a worker took first are running
+    /// (the workers' reports will say so).
+    fn revoke_offers(&mut self, pool: usize, ctx: &mut Context<Self>) {
+        let p = &mut self.pools[pool];
+        if p.offered.is_empty() {
+            return;
+        }
+        let offered = std::mem::take(&mut p.offered);
+        let back = p.link.revoke();
+        let mut returned = Vec::with_capacity(back.len());
+        for run in back {
+            let id = run.shared.id;
+            returned.push(id);
+            let Some(job) = self.active.get_mut(&id) else {
+                continue;
+            };
+            job.attempt = None;
+            job.direct = run.shared.take_direct();
+            p.queue.push(QueueEntry {
+                priority: job.rec.priority,
+                seq: job.seq,
+                id,
+            });
+        }
+        for (id, _) in offered {
+            if !returned.contains(&id) {
+                let started = self
+                    .active
+                    .get(&id)
+                    .and_then(|j| j.attempt.as_ref())
+                    .map_or_else(Instant::now, |s| s.start());
+                self.mark_started(id, started, ctx);
+            }
+        }
+    }
+
+    /// A worker's report says it took an offered job: it stays busy.
+    fn offer_taken(&mut self, pool: usize, took: (JobId, u32), ctx: &mut Context<Self>) {
+        let p = &mut self.pools[pool];
+        p.idle -= 1;
+        if let Some(i) = p.offered.iter().position(|o| o.0 == took.0) {
+            p.offered.remove(i);
+            let started = self
+                .active
+                .get(&took.0)
+                .and_then(|j| j.attempt.as_ref())
+                .map_or_else(Instant::now, |s| s.start());
+            self.mark_started(took.0, started, ctx);
+        }
+        // Otherwise a revoke found it taken already and marked it started.
     }
 
     // ----- endings ---------------------------------------------------------
@@ -681,8 +893,10 @@ impl Dispatcher {
         result: Option<Value>,
         ctx: &mut Context<Self>,
     ) {
-        let mut cascade = vec![(id, state, result)];
-        while let Some((id, state, result)) = cascade.pop() {
+        // Jobs cancelled because a dependency failed; allocated only then.
+        let mut cascade = Vec::new();
+        let mut next = Some((id, state, result));
+        while let Some((id, state, result)) = next.take().or_else(|| cascade.pop()) {
             let Some(mut job) = self.active.remove(&id) else {
                 continue;
             };
@@ -701,12 +915,9 @@ impl Dispatcher {
             }
             let pool = &mut self.pools[job.pool];
             let c = &mut pool.counters;
-            let totals = self
-                .kinds
-                .entry(job.rec.kind.clone())
-                .or_insert_with(KindTotals::new)
-                .pool(job.pool);
-            let k = &mut totals.counters;
+            let k = &mut kind_totals(&mut self.kinds, &job.rec.kind)
+                .pool(job.pool)
+                .counters;
             match state {
                 JobState::Succeeded => {
                     c.succeeded += 1;
@@ -811,7 +1022,10 @@ impl Dispatcher {
         let Some(job) = self.active.get_mut(&msg.id) else {
             return;
         };
-        let (kind, pool) = (job.rec.kind.clone(), job.pool);
+        kind_totals(&mut self.kinds, &job.rec.kind)
+            .pool(job.pool)
+            .run_time
+            .record(msg.run_time);
         match msg.outcome {
             Ok(v) => {
                 job.attempt = None;
@@ -819,13 +1033,9 @@ impl Dispatcher {
                     a.end = Some(now_ms());
                 }
                 self.pools[job.pool].running -= 1;
-                self.kind_totals(&kind, pool).run_time.record(msg.run_time);
                 self.finish(msg.id, JobState::Succeeded, Some(v), ctx);
             }
-            Err(f) => {
-                self.kind_totals(&kind, pool).run_time.record(msg.run_time);
-                self.attempt_failed(msg.id, f.message(), JobState::Failed, "job_failed", ctx)
-            }
+            Err(f) => self.attempt_failed(msg.id, f.message(), JobState::Failed, "job_failed", ctx),
         }
     }
 
@@ -846,9 +1056,12 @@ impl Dispatcher {
             return;
         }
         let ms = job.rec.timeout_ms.unwrap_or(0);
-        let (pool, kind) = (job.pool, job.rec.kind.clone());
+        let pool = job.pool;
+        kind_totals(&mut self.kinds, &job.rec.kind)
+            .pool(pool)
+            .counters
+            .timed_out += 1;
         self.pools[pool].counters.timed_out += 1;
-        self.kind_totals(&kind, pool).counters.timed_out += 1;
         self.attempt_failed(
             id,
             format!("timed out after {ms} ms"),
@@ -859,6 +1072,29 @@ impl Dispatcher {
     }
 
     fn cancel(
+        &mut self,
+        id: JobId,
+        reason: &str,
+        ctx: &mut Context<Self>,
+    ) -> Result<JobRecord, JobError> {
+        // A job offered in its pool's handoff slot is taken back first; if
+        // a worker took it already, it is cancelled as a running job. The
+        // other offers went back to the queue: offer them again.
+        let mut revoked = None;
+        if let Some(pool) = self.active.get(&id).map(|j| j.pool)
+            && self.pools[pool].offered.iter().any(|o| o.0 == id)
+        {
+            self.revoke_offers(pool, ctx);
+            revoked = Some(pool);
+        }
+        let result = self.cancel_job(id, reason, ctx);
+        if let Some(pool) = revoked {
+            self.pump(pool, ctx);
+        }
+        result
+    }
+
+    fn cancel_job(
         &mut self,
         id: JobId,
         reason: &str,
@@ -1133,6 +1369,19 @@ pub(crate) fn list_records<'a>(
     }
 }
 
+/// A kind's totals, created on first use. A lookup by `&str`: no `String`
+/// is built per job (every kind is registered at start, so the insert
+/// happens at most once per kind).
+fn kind_totals<'a>(kinds: &'a mut KindMap, kind: &str) -> &'a mut KindTotals {
+    if !kinds.contains_key(kind) {
+        kinds.insert(kind.to_string(), KindTotals::new());
+    }
+    // Invariant: present, inserted just above if it was missing.
+    kinds
+        .get_mut(kind)
+        .expect("kind totals exist once inserted")
+}
+
 /// What a `call` waiter gets for a final record.
 pub(crate) fn outcome_of(rec: &JobRecord) -> Outcome {
     let message = || {
@@ -1187,12 +1436,18 @@ impl Actor for Dispatcher {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // The Dispatcher's mailbox is unbounded for do_send; callers are
         // bounded by max_queued and by their own waiting.
-        ctx.run_interval(Duration::from_secs(1), |act, ctx| act.prune_expired(ctx));
+        // Reading the inboxes here too bounds how long a report filed
+        // without a wake-up (see `pool`) waits when nothing else happens.
+        ctx.run_interval(Duration::from_secs(1), |act, ctx| {
+            act.drain(ctx);
+            act.prune_expired(ctx)
+        });
         if let Some(recovered) = self.recovered.take() {
             self.restore(recovered, ctx);
         }
         if let Some((every, _)) = &self.heartbeat {
-            ctx.run_interval(*every, |act, _| {
+            ctx.run_interval(*every, |act, ctx| {
+                act.drain(ctx);
                 let waiting = act.pools.iter().map(|p| p.queued + p.delayed).sum();
                 let running = act.pools.iter().map(|p| p.running).sum();
                 if let Some((_, f)) = &mut act.heartbeat {
@@ -1205,7 +1460,7 @@ impl Actor for Dispatcher {
 
 // ----- messages ------------------------------------------------------------
 
-/// A worker finished an attempt (sent by the pool).
+/// A worker finished an attempt (filed in its pool's report inbox).
 pub(crate) struct AttemptDone {
     pub(crate) id: JobId,
     pub(crate) attempt: u32,
@@ -1215,18 +1470,36 @@ pub(crate) struct AttemptDone {
     /// cancel): then only the worker's credit comes back.
     pub(crate) claimed: bool,
     pub(crate) run_time: Duration,
+    /// The job (and attempt) the worker took from the handoff slot to run
+    /// next, if any: the worker stays busy.
+    pub(crate) took: Option<(JobId, u32)>,
 }
 
-impl Message for AttemptDone {
+/// A worker filed a report that someone waits for (see `pool`): read the
+/// report inboxes. Also sent to ourselves by `recheck`.
+pub(crate) struct Wake;
+
+impl Message for Wake {
     type Result = ();
 }
 
-impl Handler<AttemptDone> for Dispatcher {
+impl Handler<Wake> for Dispatcher {
     type Result = ();
 
-    fn handle(&mut self, msg: AttemptDone, ctx: &mut Context<Self>) {
+    fn handle(&mut self, _: Wake, ctx: &mut Context<Self>) {
+        self.recheck_queued = false;
+        self.drain(ctx);
+    }
+}
+
+impl Dispatcher {
+    /// A worker's report of a finished attempt, read from its pool's inbox.
+    fn on_report(&mut self, msg: AttemptDone, ctx: &mut Context<Self>) {
         let pool = msg.pool;
         self.pools[pool].idle += 1;
+        if let Some(took) = msg.took {
+            self.offer_taken(pool, took, ctx);
+        }
         let current = self
             .active
             .get(&msg.id)
@@ -1265,6 +1538,7 @@ impl Handler<Submit> for Dispatcher {
     type Result = ();
 
     fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
+        self.drain(ctx);
         let Submit {
             id,
             spec,
@@ -1278,6 +1552,7 @@ impl Handler<Submit> for Dispatcher {
                     Reply::with(move |r: Result<JobRecord, JobError>| {
                         d.send(r.and_then(|rec| outcome_of(&rec)))
                     }),
+                    ctx,
                 );
             }
             if let Some(a) = ack {
@@ -1314,9 +1589,14 @@ impl Handler<Submit> for Dispatcher {
 }
 
 impl Dispatcher {
-    fn add_waiter(&mut self, id: JobId, w: RecordWaiter) {
+    fn add_waiter(&mut self, id: JobId, w: RecordWaiter, ctx: &mut Context<Self>) {
         if let Some(job) = self.active.get_mut(&id) {
             job.waiters.push(w);
+            // A started attempt must now report at once when it ends.
+            if let Some(s) = &job.attempt {
+                s.request_notify();
+                self.recheck(ctx);
+            }
         } else {
             // Final (in memory or only in the store), or unknown.
             self.lookup(id, w);
@@ -1338,6 +1618,7 @@ impl Handler<SubmitBatch> for Dispatcher {
     type Result = ();
 
     fn handle(&mut self, msg: SubmitBatch, ctx: &mut Context<Self>) {
+        self.drain(ctx);
         // Check everything first, counting what the batch itself adds to
         // each pool, so a batch cannot overflow max_queued half-way.
         let mut checked = Vec::with_capacity(msg.jobs.len());
@@ -1418,8 +1699,9 @@ impl Message for Wait {
 impl Handler<Wait> for Dispatcher {
     type Result = ();
 
-    fn handle(&mut self, msg: Wait, _: &mut Context<Self>) {
-        self.add_waiter(msg.id, msg.reply);
+    fn handle(&mut self, msg: Wait, ctx: &mut Context<Self>) {
+        self.drain(ctx);
+        self.add_waiter(msg.id, msg.reply, ctx);
     }
 }
 
@@ -1436,7 +1718,8 @@ impl Message for WaitAny {
 impl Handler<WaitAny> for Dispatcher {
     type Result = ();
 
-    fn handle(&mut self, msg: WaitAny, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: WaitAny, ctx: &mut Context<Self>) {
+        self.drain(ctx);
         for id in &msg.ids {
             if self.record(*id).is_none() && self.store.is_none() {
                 msg.reply.send(Err(JobError::NotFound(id.to_string())));
@@ -1459,6 +1742,7 @@ impl Handler<WaitAny> for Dispatcher {
                         reply.send(r);
                     }
                 }),
+                ctx,
             );
         }
     }
@@ -1483,6 +1767,7 @@ impl Handler<Query> for Dispatcher {
     type Result = ();
 
     fn handle(&mut self, msg: Query, ctx: &mut Context<Self>) {
+        self.drain(ctx);
         match msg {
             Query::Status(id, r) => self.lookup(id, r),
             Query::Cancel(id, r) if !self.active.contains_key(&id) => self.lookup(id, r),
@@ -1527,7 +1812,10 @@ impl Handler<Query> for Dispatcher {
                 Some(i) => {
                     self.pools[i].paused = paused;
                     self.persist_change(Change::Paused(pool.clone(), paused), ctx);
-                    if !paused && self.closing.is_none() {
+                    if paused {
+                        self.revoke_offers(i, ctx);
+                        self.update_starving(i, ctx);
+                    } else if self.closing.is_none() {
                         self.pump(i, ctx);
                     }
                     r.send(Ok(()));
@@ -1542,6 +1830,14 @@ impl Handler<Query> for Dispatcher {
                     replies: vec![r],
                     stop_requested: false,
                 });
+                // Offered jobs go back to the queue, and from now on every
+                // report wakes us: the drain ends when the last worker is
+                // idle.
+                for i in 0..self.pools.len() {
+                    self.revoke_offers(i, ctx);
+                    self.pools[i].link.set_eager();
+                }
+                self.recheck(ctx);
                 // Jobs that have not started will not start: answer their
                 // waiters now. Running ones finish up to the deadline.
                 for job in self.active.values_mut() {
@@ -1558,7 +1854,10 @@ impl Handler<Query> for Dispatcher {
                     self.close_now(ctx);
                 } else {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    ctx.run_later(left, |act, ctx| act.close_now(ctx));
+                    ctx.run_later(left, |act, ctx| {
+                        act.drain(ctx);
+                        act.close_now(ctx)
+                    });
                 }
             }
         }
@@ -1925,7 +2224,9 @@ impl Message for Flush {
 impl Handler<Flush> for Dispatcher {
     type Result = ();
 
-    fn handle(&mut self, _: Flush, _: &mut Context<Self>) {
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) {
+        // Finished jobs not read yet join this batch.
+        self.drain(ctx);
         if let Some(s) = &mut self.store {
             s.flush_scheduled = false;
         }
@@ -1948,6 +2249,7 @@ impl Handler<Committed> for Dispatcher {
     type Result = ();
 
     fn handle(&mut self, msg: Committed, ctx: &mut Context<Self>) {
+        self.drain(ctx);
         let Some(store) = &mut self.store else {
             return;
         };
@@ -2043,6 +2345,7 @@ impl Handler<Committed> for Dispatcher {
                 // Try again in a while; with nothing to write, write a tiny
                 // row so that recovery is noticed.
                 ctx.run_later(STORE_RETRY, move |act, ctx| {
+                    act.drain(ctx);
                     if let Some(s) = &mut act.store
                         && s.pending.is_empty()
                         && let Some((name, paused)) = first_pool.clone()
@@ -2072,7 +2375,8 @@ impl Message for ListLoaded {
 impl Handler<ListLoaded> for Dispatcher {
     type Result = ();
 
-    fn handle(&mut self, msg: ListLoaded, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: ListLoaded, ctx: &mut Context<Self>) {
+        self.drain(ctx);
         let mem = self.list(&msg.q);
         let Ok(stored) = msg.page else {
             msg.reply.send(mem);
@@ -2120,6 +2424,7 @@ impl Handler<RetryLoaded> for Dispatcher {
     type Result = ();
 
     fn handle(&mut self, msg: RetryLoaded, ctx: &mut Context<Self>) {
+        self.drain(ctx);
         match msg.found {
             Err(e) => msg.reply.send(Err(JobError::Unavailable(e.0))),
             Ok(None) => msg.reply.send(Err(JobError::NotFound(msg.id.to_string()))),

@@ -28,7 +28,7 @@ use crate::dispatcher::{
 use crate::error::JobError;
 use crate::job::{JobId, JobOptions, JobRecord, JobSpec};
 use crate::pool::panic_message;
-use crate::reply::{Outcome, Reply};
+use crate::reply::{CallWait, Outcome, Reply, call_reply};
 use crate::stats::StatsSnapshot;
 
 /// A cheap, cloneable way into the runtime, usable from any thread.
@@ -111,6 +111,18 @@ impl Handle {
         }
     }
 
+    /// Block on a `call`'s reply with a timeout.
+    fn recv_call(&self, rx: &CallWait, timeout: Duration, id: JobId) -> Result<Outcome, JobError> {
+        match rx.recv_timeout(timeout) {
+            Ok(v) => Ok(v),
+            Err(RecvTimeoutError::Timeout) => Err(JobError::WaitTimeout {
+                id: Some(id),
+                waited_ms: timeout.as_millis() as u64,
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(self.gone()),
+        }
+    }
+
     /// Await an async reply; a dropped sender means the runtime is gone.
     async fn recv_async<T>(&self, rx: oneshot::Receiver<T>) -> Result<T, JobError> {
         rx.await.map_err(|_| self.gone())
@@ -172,7 +184,7 @@ impl Handle {
         refuse_on_arbiter()?;
         let payload = encode(input)?;
         let id = self.alloc_id();
-        let (tx, rx) = bounded::<Outcome>(1);
+        let (reply, rx) = call_reply(id);
         self.inner.dispatcher.do_send(Submit {
             id,
             spec: JobSpec {
@@ -181,9 +193,9 @@ impl Handle {
                 options,
             },
             ack: None,
-            direct: Some(Reply::sync(tx)),
+            direct: Some(reply),
         });
-        match self.recv(&rx, timeout, Some(id)) {
+        match self.recv_call(&rx, timeout, id) {
             Ok(outcome) => decode(outcome?),
             Err(e @ JobError::WaitTimeout { .. }) => {
                 self.inner

@@ -28,7 +28,10 @@
 //!   delays, timeouts, retries, waiters, stats). No locks around job state.
 //! - `pool`: `SyncArbiter` workers. A pool is handed at most as many jobs
 //!   as it has idle workers (credit-based dispatch), so queued jobs stay in
-//!   the Dispatcher where they can be reordered and cancelled.
+//!   the Dispatcher where they can be reordered and cancelled. While all
+//!   workers are busy, a few of the best queued jobs wait in a handoff slot
+//!   that a finishing worker takes from at once; the Dispatcher can take
+//!   them back until then.
 //! - [`Handle`]: blocking and async operations, and the general bridge
 //!   ([`Handle::send`], [`Handle::run`]).
 //!

@@ -172,17 +172,21 @@ impl RuntimeBuilder {
             .spawn(move || {
                 let sys = actix_rt::System::new();
                 sys.block_on(async move {
-                    let states = pools.iter().cloned().map(PoolState::new).collect();
-                    let dispatcher = Dispatcher::new(registry, states, retention, heartbeat);
+                    let states: Vec<PoolState> =
+                        pools.iter().cloned().map(PoolState::new).collect();
                     // Start the Dispatcher first so the pools can know its
                     // address, then hand it theirs before any job exists.
                     let ctx = actix::Context::<Dispatcher>::new();
                     let addr = ctx.address();
-                    let addrs = pools
+                    let addrs = states
                         .iter()
                         .enumerate()
-                        .map(|(i, p)| start_pool(p, i, addr.clone(), worker_threads.clone()))
+                        .map(|(i, p)| {
+                            let link = p.link.clone();
+                            start_pool(&p.cfg, i, addr.clone(), worker_threads.clone(), link)
+                        })
                         .collect();
+                    let dispatcher = Dispatcher::new(registry, states, retention, heartbeat);
                     let mut dispatcher = dispatcher;
                     dispatcher.set_pool_addrs(addrs);
                     if let (Some(store), Some(recovered)) = (store, recovered) {
