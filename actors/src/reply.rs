@@ -8,32 +8,76 @@ use serde_json::Value;
 use crate::error::JobError;
 
 /// Answers one request once.
-pub(crate) struct Reply<T>(Box<dyn FnOnce(T) + Send>);
+pub(crate) struct Reply<T> {
+    /// Delivers the answer.
+    send: Box<dyn FnOnce(T) + Send>,
+    /// Tells whether anyone can still receive the answer. Without one, the
+    /// reply counts as wanted until it is sent.
+    gone: Option<Box<dyn Fn() -> bool + Send>>,
+}
 
 impl<T: Send + 'static> Reply<T> {
     /// A reply into a crossbeam channel (sync callers use `recv_timeout`).
+    /// A crossbeam sender cannot tell whether its receiver is still there,
+    /// so sync waits carry their own expiry instead (see `Wait`).
     pub(crate) fn sync(tx: crossbeam_channel::Sender<T>) -> Self {
         // A send error only means the caller stopped waiting: nothing to do.
-        Reply(Box::new(move |v| {
+        Reply::with(move |v| {
             let _ = tx.send(v);
-        }))
+        })
     }
 
-    /// A reply into a oneshot channel (async callers await it).
+    /// A reply into a oneshot channel (async callers await it). It knows
+    /// when its future was dropped.
     pub(crate) fn future(tx: oneshot::Sender<T>) -> Self {
-        Reply(Box::new(move |v| {
-            let _ = tx.send(v);
-        }))
+        let tx = std::sync::Arc::new(std::sync::Mutex::new(Some(tx)));
+        let probe = tx.clone();
+        Reply {
+            send: Box::new(move |v| {
+                let taken = match tx.lock() {
+                    Ok(mut g) => g.take(),
+                    Err(p) => p.into_inner().take(),
+                };
+                if let Some(tx) = taken {
+                    let _ = tx.send(v);
+                }
+            }),
+            gone: Some(Box::new(move || match probe.lock() {
+                Ok(g) => g.as_ref().is_none_or(|tx| tx.is_canceled()),
+                Err(_) => false,
+            })),
+        }
     }
 
     /// A reply handled by any closure.
     pub(crate) fn with(f: impl FnOnce(T) + Send + 'static) -> Self {
-        Reply(Box::new(f))
+        Reply {
+            send: Box::new(f),
+            gone: None,
+        }
+    }
+
+    /// A reply handled by a closure, with a probe that says when nobody
+    /// wants the answer any more.
+    pub(crate) fn with_probe(
+        f: impl FnOnce(T) + Send + 'static,
+        gone: impl Fn() -> bool + Send + 'static,
+    ) -> Self {
+        Reply {
+            send: Box::new(f),
+            gone: Some(Box::new(gone)),
+        }
     }
 
     /// Deliver the answer.
     pub(crate) fn send(self, v: T) {
-        (self.0)(v)
+        (self.send)(v)
+    }
+
+    /// True when it is known that nobody will read the answer (the future
+    /// waiting for it was dropped). Such a reply can be thrown away.
+    pub(crate) fn is_gone(&self) -> bool {
+        self.gone.as_ref().is_some_and(|g| g())
     }
 }
 
