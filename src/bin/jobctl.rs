@@ -158,7 +158,8 @@ struct SubmitArgs {
     /// Run only after this job succeeded (repeatable).
     #[arg(long = "after", value_name = "ID")]
     after: Vec<String>,
-    /// Retry backoff: delay before the first retry (default 1s).
+    /// Retry backoff: delay before the first retry (default 1s). Without any
+    /// --backoff-* flag the kind's backoff applies.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     backoff_base: Option<Duration>,
     /// Retry backoff: growth per further retry, 1 to 100 (default 2).
