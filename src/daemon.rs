@@ -84,6 +84,19 @@ fn create_state_dir(dir: &std::path::Path) -> std::io::Result<()> {
     }
 }
 
+/// Under a file-size limit (`RLIMIT_FSIZE`, e.g. `prlimit --fsize`) a write
+/// past the limit raises SIGXFSZ, which would kill the daemon. Ignored, the
+/// write fails with EFBIG instead: the store reports it, submissions get
+/// `unavailable`, and the daemon goes on (and recovers when space returns).
+fn ignore_file_size_signal() {
+    // SAFETY: setting a signal to SIG_IGN installs no handler code and
+    // touches no memory; it is done before any thread of ours starts.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 /// File name of the SQLite store inside the state directory.
 pub const STORE_FILE: &str = "jobs.db";
 
@@ -126,6 +139,7 @@ fn build_runtime(cfg: &Config, state_dir: &std::path::Path) -> Result<Runtime, D
 
 /// Run the daemon until SIGTERM/SIGINT and a clean drain.
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    ignore_file_size_signal();
     let state_dir = state_dir(&cfg);
     create_state_dir(&state_dir).map_err(|source| DaemonError::StateDir {
         path: state_dir.clone(),
