@@ -1667,10 +1667,15 @@ impl Handler<WaitAny> for Dispatcher {
 
 /// The ids of a `WaitAny` that only the store may know, read back.
 struct WaitAnyLoaded {
+    /// Every id of the `WaitAny`.
     ids: Vec<JobId>,
+    /// The ids that were not in memory, in the order read.
     missing: Vec<JobId>,
+    /// What the store holds for each of `missing`.
     found: Result<Vec<Option<JobRecord>>, StoreError>,
+    /// The waiter.
     reply: RecordWaiter,
+    /// The wait's timeout, started once the ids are known to exist.
     timeout: Option<Duration>,
 }
 

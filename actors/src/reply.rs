@@ -8,12 +8,18 @@ use serde_json::Value;
 use crate::error::JobError;
 
 /// Answers one request once.
-pub(crate) struct Reply<T> {
-    /// Delivers the answer.
-    send: Box<dyn FnOnce(T) + Send>,
-    /// Tells whether anyone can still receive the answer. Without one, the
-    /// reply counts as wanted until it is sent.
-    gone: Option<Box<dyn Fn() -> bool + Send>>,
+pub(crate) struct Reply<T>(Slot<T>);
+
+/// Where a reply goes.
+enum Slot<T> {
+    /// A future awaits it; it can tell when that future was dropped.
+    Future(oneshot::Sender<T>),
+    /// Any closure, with an optional probe that says when nobody wants the
+    /// answer any more (without one, it is wanted until sent).
+    With {
+        send: Box<dyn FnOnce(T) + Send>,
+        gone: Option<Box<dyn Fn() -> bool + Send>>,
+    },
 }
 
 impl<T: Send + 'static> Reply<T> {
@@ -30,31 +36,15 @@ impl<T: Send + 'static> Reply<T> {
     /// A reply into a oneshot channel (async callers await it). It knows
     /// when its future was dropped.
     pub(crate) fn future(tx: oneshot::Sender<T>) -> Self {
-        let tx = std::sync::Arc::new(std::sync::Mutex::new(Some(tx)));
-        let probe = tx.clone();
-        Reply {
-            send: Box::new(move |v| {
-                let taken = match tx.lock() {
-                    Ok(mut g) => g.take(),
-                    Err(p) => p.into_inner().take(),
-                };
-                if let Some(tx) = taken {
-                    let _ = tx.send(v);
-                }
-            }),
-            gone: Some(Box::new(move || match probe.lock() {
-                Ok(g) => g.as_ref().is_none_or(|tx| tx.is_canceled()),
-                Err(_) => false,
-            })),
-        }
+        Reply(Slot::Future(tx))
     }
 
     /// A reply handled by any closure.
     pub(crate) fn with(f: impl FnOnce(T) + Send + 'static) -> Self {
-        Reply {
+        Reply(Slot::With {
             send: Box::new(f),
             gone: None,
-        }
+        })
     }
 
     /// A reply handled by a closure, with a probe that says when nobody
@@ -63,21 +53,30 @@ impl<T: Send + 'static> Reply<T> {
         f: impl FnOnce(T) + Send + 'static,
         gone: impl Fn() -> bool + Send + 'static,
     ) -> Self {
-        Reply {
+        Reply(Slot::With {
             send: Box::new(f),
             gone: Some(Box::new(gone)),
-        }
+        })
     }
 
     /// Deliver the answer.
     pub(crate) fn send(self, v: T) {
-        (self.send)(v)
+        match self.0 {
+            // A send error only means the future was dropped.
+            Slot::Future(tx) => {
+                let _ = tx.send(v);
+            }
+            Slot::With { send, .. } => send(v),
+        }
     }
 
     /// True when it is known that nobody will read the answer (the future
     /// waiting for it was dropped). Such a reply can be thrown away.
     pub(crate) fn is_gone(&self) -> bool {
-        self.gone.as_ref().is_some_and(|g| g())
+        match &self.0 {
+            Slot::Future(tx) => tx.is_canceled(),
+            Slot::With { gone, .. } => gone.as_ref().is_some_and(|g| g()),
+        }
     }
 }
 
