@@ -50,7 +50,7 @@ fn a_cancelled_sleep_stops_at_once_and_frees_its_worker() {
 
 const TREE: &str = r#"
 [kinds.tree]
-argv = ["/bin/sh", "-c", "/bin/sleep 1000 & echo $! >> \"$1\"; echo $$ >> \"$1\"; wait", "sh", "{pids}"]
+argv = ["/bin/sh", "-c", "/bin/sleep 60 & echo $! >> \"$1\"; echo $$ >> \"$1\"; wait", "sh", "{pids}"]
 timeout_secs = 0
 "#;
 

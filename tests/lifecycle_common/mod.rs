@@ -22,14 +22,15 @@ pub const LONG: Duration = Duration::from_secs(20);
 /// A command kind `gated` on pool `gated` (one thread): each attempt waits
 /// until the file named by the payload's `gate` exists, removes it and
 /// fails (exit 1). The test decides when an attempt ends by creating the
-/// file, so it can pause the pool before the retry could start.
+/// file. (An attempt gives up waiting after about 30 s, so a failed test
+/// leaves no shell behind for long.)
 pub const GATED: &str = r#"
 [pools.gated]
 threads = 1
 
 [kinds.gated]
 pool = "gated"
-argv = ["/bin/sh", "-c", "while [ ! -e \"$1\" ]; do /bin/sleep 0.005; done; rm -f \"$1\"; echo \"attempt failed\" >&2; exit 1", "sh", "{gate}"]
+argv = ["/bin/sh", "-c", "n=0; while [ ! -e \"$1\" ] && [ $n -lt 6000 ]; do /bin/sleep 0.005; n=$((n+1)); done; rm -f \"$1\"; echo \"attempt failed\" >&2; exit 1", "sh", "{gate}"]
 timeout_secs = 0
 "#;
 
