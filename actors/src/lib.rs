@@ -66,11 +66,13 @@ mod reply;
 mod runtime;
 mod stats;
 mod store;
+#[cfg(test)]
+mod waiter_tests;
 
 pub use context::JobContext;
 pub use dispatcher::{Heartbeat, ListPage, ListQuery, Retention, SubmitAck};
 pub use error::{JobError, ShutdownError, StartError};
-pub use handle::Handle;
+pub use handle::{Handle, JobWait};
 pub use job::{
     Attempt, Backoff, ErrorInfo, JobId, JobOptions, JobRecord, JobSpec, JobState, Peer, now_ms,
 };

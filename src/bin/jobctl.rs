@@ -15,6 +15,10 @@ use jobd::client::{Client, Response};
 use jobd::progress::{self, Progress};
 use serde_json::{Map, Value, json};
 
+// Beside this file, not in src/bin/ (where cargo would take it for a binary).
+#[path = "jobctl/lifecycle.rs"]
+mod lifecycle;
+
 const AFTER_HELP: &str = "\
 Socket: --socket, else $JOBD_SOCKET, else $XDG_RUNTIME_DIR/jobd/jobd.sock,
 else /run/jobd/jobd.sock (root) or the default state dir's jobd.sock.
@@ -70,10 +74,21 @@ enum Cmd {
         /// Job id.
         id: String,
     },
-    /// Queue a failed or dead job again with fresh attempts.
+    /// Queue a failed or dead job again with fresh attempts; or, with
+    /// --all-dead, every dead job (of a pool or kind).
     Retry {
         /// Job id.
-        id: String,
+        #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
+        id: Option<String>,
+        /// Retry every dead job, newest first (pages through `list --state dead`).
+        #[arg(long)]
+        all_dead: bool,
+        /// With --all-dead: only jobs of this pool.
+        #[arg(long, requires = "all_dead", conflicts_with = "id")]
+        pool: Option<String>,
+        /// With --all-dead: only jobs of this kind.
+        #[arg(long, requires = "all_dead", conflicts_with = "id")]
+        kind: Option<String>,
     },
     /// List jobs, newest first.
     List {
@@ -94,6 +109,9 @@ enum Cmd {
         /// Continue a previous listing (the cursor it printed).
         #[arg(long)]
         cursor: Option<String>,
+        /// Oldest first instead of newest first.
+        #[arg(long)]
+        oldest: bool,
     },
     /// Counters, queue sizes and latencies per pool and kind.
     Stats,
@@ -160,6 +178,16 @@ struct SubmitArgs {
     /// Run only after this job succeeded (repeatable).
     #[arg(long = "after", value_name = "ID")]
     after: Vec<String>,
+    /// Retry backoff: delay before the first retry (default 1s). Without any
+    /// --backoff-* flag the kind's backoff applies.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    backoff_base: Option<Duration>,
+    /// Retry backoff: growth per further retry, 1 to 100 (default 2).
+    #[arg(long, value_name = "FACTOR")]
+    backoff_factor: Option<f64>,
+    /// Retry backoff: longest delay (default 5m).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    backoff_max: Option<Duration>,
 }
 
 /// Parse a duration such as `500ms`, `5s`, `2m`, `1h`, `1d` or `1m30s`.
@@ -293,16 +321,23 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             let r = c.call("cancel", json!({ "job": id }))?;
             record_line(&r, id, json)
         }
-        Cmd::Retry { id } => {
+        Cmd::Retry { id: Some(id), .. } => {
             let r = c.call("retry", json!({ "job": id }))?;
             record_line(&r, id, json)
         }
+        Cmd::Retry {
+            id: None,
+            pool,
+            kind,
+            ..
+        } => lifecycle::retry_all_dead(&mut c, pool.as_deref(), kind.as_deref(), json),
         Cmd::List {
             state,
             pool,
             kind,
             limit,
             cursor,
+            oldest,
         } => {
             let mut q = Map::new();
             let mut put = |k: &str, v: Option<Value>| {
@@ -315,11 +350,12 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             put("kind", kind.clone().map(Value::from));
             put("limit", limit.map(Value::from));
             put("cursor", cursor.clone().map(Value::from));
+            put("order", oldest.then(|| Value::from("oldest")));
             let r = c.call("list", Value::Object(q))?;
             if json {
                 print_json(&r);
             } else if r.is_ok() {
-                print_list(&r);
+                print_list(&r, *oldest);
             }
             refused(&r)
         }
@@ -469,6 +505,9 @@ fn submit_request(a: &SubmitArgs) -> anyhow::Result<Value> {
     }
     if !a.after.is_empty() {
         job.insert("after".into(), Value::from(a.after.clone()));
+    }
+    if let Some(b) = lifecycle::backoff(a.backoff_base, a.backoff_factor, a.backoff_max)? {
+        job.insert("backoff".into(), b);
     }
     let mut req = json!({ "job": job });
     if a.wait {
@@ -745,7 +784,7 @@ fn print_record(rec: &Value) {
     }
 }
 
-fn print_list(r: &Response) {
+fn print_list(r: &Response, oldest: bool) {
     let empty = Vec::new();
     let jobs = r.get("jobs").as_array().unwrap_or(&empty);
     let rows: Vec<Vec<String>> = jobs
@@ -776,7 +815,8 @@ fn print_list(r: &Response) {
     );
     let cursor = r.get("cursor");
     if !cursor.is_null() {
-        eprintln!("more: jobctl list --cursor {}", text(cursor));
+        let order = if oldest { " --oldest" } else { "" };
+        eprintln!("more: jobctl list --cursor {}{order}", text(cursor));
     }
 }
 
