@@ -46,6 +46,9 @@ pub enum DaemonError {
     /// The socket server failed.
     #[error("{0}")]
     Server(#[from] ServerError),
+    /// The metrics endpoint could not be set up.
+    #[error("{0}")]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// A second signal cut the drain short.
     #[error("stopped without waiting for running jobs (second signal)")]
     Forced,
@@ -156,6 +159,17 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     };
     server::prepare_socket_path(&socket)?;
     server::raise_fd_limit();
+    // Validated with the config; bound before the runtime starts so that a
+    // busy port stops start-up at once.
+    let metrics = match cfg.metrics.endpoint() {
+        Ok(Some(listen)) => Some(crate::metrics::Endpoint::bind(&listen)?),
+        Ok(None) => None,
+        Err(e) => {
+            return Err(DaemonError::Metrics(crate::metrics::MetricsError::Config(
+                e.to_string(),
+            )));
+        }
+    };
     let runtime = build_runtime(&cfg, &state_dir)?;
     tracing::info!(
         state_dir = %state_dir.display(),
@@ -175,7 +189,12 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         auth,
     };
     let handle = runtime.handle();
-    let served = actix_rt::System::new().block_on(server::serve(settings, handle, || {}));
+    let served = actix_rt::System::new().block_on(async move {
+        if let Some(m) = metrics {
+            actix_rt::spawn(m.serve(handle.clone()));
+        }
+        server::serve(settings, handle, || {}).await
+    });
     match served {
         Err(e) => {
             let _ = runtime.shutdown(Duration::from_secs(1));

@@ -24,7 +24,7 @@ use crate::job::{Attempt, ErrorInfo, JobId, JobRecord, JobSpec, JobState, now_ms
 use crate::pool::{Failure, OFFER_DEPTH, PANIC_PREFIX, PoolConfig, PoolLink, RunJob, Worker};
 use crate::registry::Registry;
 use crate::reply::{DirectReply, Outcome, Reply};
-use crate::stats::{KindStats, KindTotals, PoolStats, StatsSnapshot, StoreStats};
+use crate::stats::{KindTotals, PairTotals, PoolStats, StatsSnapshot, StoreStats, pool_breakdown};
 use crate::store::{Change, Commit, Recovered, StoreActor, StoreError, StoreRead};
 
 /// How long finished jobs are kept for `status`/`wait`, and how many.
@@ -209,6 +209,26 @@ impl Hasher for FastHasher {
     }
 }
 
+/// One `wait` caller of a job that is not final yet.
+struct Waiter {
+    /// Names the wait so that its expiry finds it (0: it never expires).
+    token: u64,
+    /// Answered with the final record (or why there is none).
+    reply: RecordWaiter,
+    /// The expiry timer, cancelled when the job ends first.
+    timer: Option<SpawnHandle>,
+}
+
+impl Waiter {
+    /// Answer the waiter and stop its expiry timer.
+    fn send(self, r: Result<JobRecord, JobError>, ctx: &mut Context<Dispatcher>) {
+        if let Some(t) = self.timer {
+            ctx.cancel_future(t);
+        }
+        self.reply.send(r);
+    }
+}
+
 /// A job that is not final yet.
 struct Active {
     rec: JobRecord,
@@ -226,7 +246,7 @@ struct Active {
     /// attempt while it runs).
     direct: Option<DirectReply>,
     /// `wait` callers.
-    waiters: Vec<RecordWaiter>,
+    waiters: Vec<Waiter>,
     /// Dependencies not yet succeeded.
     deps_left: usize,
     /// Admitted but not yet committed to the store: it may not run yet.
@@ -325,6 +345,8 @@ pub struct Dispatcher {
     /// A `Wake` to ourselves is queued: the report inboxes must be read
     /// once more after a flag the workers read was raised.
     recheck_queued: bool,
+    /// Last token given to a waiter with an expiry.
+    wait_tokens: u64,
 }
 
 struct Closing {
@@ -367,6 +389,7 @@ impl Dispatcher {
             store: None,
             recovered: None,
             recheck_queued: false,
+            wait_tokens: 0,
         }
     }
 
@@ -389,8 +412,9 @@ impl Dispatcher {
         }
     }
 
-    fn kind_totals(&mut self, kind: &str) -> &mut KindTotals {
-        kind_totals(&mut self.kinds, kind)
+    /// The totals of `kind` in `pool`.
+    fn kind_totals(&mut self, kind: &str, pool: usize) -> &mut PairTotals {
+        kind_totals(&mut self.kinds, kind).pool(pool)
     }
 
     fn record(&self, id: JobId) -> Option<&JobRecord> {
@@ -527,7 +551,7 @@ impl Dispatcher {
             self.recheck(ctx);
         }
         self.pools[pool].counters.submitted += 1;
-        self.kind_totals(&job.rec.kind).counters.submitted += 1;
+        self.kind_totals(&job.rec.kind, pool).counters.submitted += 1;
         // With a store, the job waits for its commit before it may run.
         job.held = self.store.is_some();
         let held = job.held;
@@ -762,7 +786,7 @@ impl Dispatcher {
             }));
         }
         let queue_wait = started.saturating_duration_since(job.ready_at);
-        let totals = kind_totals(&mut self.kinds, &job.rec.kind);
+        let totals = kind_totals(&mut self.kinds, &job.rec.kind).pool(job.pool);
         totals.counters.started += 1;
         totals.queue_wait.record(queue_wait);
         self.persist(id, ctx);
@@ -862,7 +886,7 @@ impl Dispatcher {
             let kind = job.rec.kind.clone();
             self.pools[pool].delayed += 1;
             self.pools[pool].counters.retried += 1;
-            self.kind_totals(&kind).counters.retried += 1;
+            self.kind_totals(&kind, pool).counters.retried += 1;
             let timer = self.ready_timer(id, run_at, ctx);
             if let Some(job) = self.active.get_mut(&id) {
                 job.timer = Some(timer);
@@ -914,7 +938,9 @@ impl Dispatcher {
             }
             let pool = &mut self.pools[job.pool];
             let c = &mut pool.counters;
-            let k = &mut kind_totals(&mut self.kinds, &job.rec.kind).counters;
+            let k = &mut kind_totals(&mut self.kinds, &job.rec.kind)
+                .pool(job.pool)
+                .counters;
             match state {
                 JobState::Succeeded => {
                     c.succeeded += 1;
@@ -945,7 +971,7 @@ impl Dispatcher {
                 d.send(outcome_of(&job.rec));
             }
             for w in job.waiters.drain(..) {
-                w.send(Ok(job.rec.clone()));
+                w.send(Ok(job.rec.clone()), ctx);
             }
             for dep in self.dependents.remove(&id).unwrap_or_default() {
                 let Some(d) = self.active.get_mut(&dep) else {
@@ -1020,6 +1046,7 @@ impl Dispatcher {
             return;
         };
         kind_totals(&mut self.kinds, &job.rec.kind)
+            .pool(job.pool)
             .run_time
             .record(msg.run_time);
         match msg.outcome {
@@ -1054,6 +1081,7 @@ impl Dispatcher {
         let ms = job.rec.timeout_ms.unwrap_or(0);
         let pool = job.pool;
         kind_totals(&mut self.kinds, &job.rec.kind)
+            .pool(pool)
             .counters
             .timed_out += 1;
         self.pools[pool].counters.timed_out += 1;
@@ -1234,7 +1262,9 @@ impl Dispatcher {
         let pools = self
             .pools
             .iter()
-            .map(|p| {
+            .enumerate()
+            .map(|(i, p)| {
+                let (kinds, queue_wait_ms, run_time_ms) = pool_breakdown(i, self.kinds.iter());
                 (
                     p.cfg.name.clone(),
                     PoolStats {
@@ -1247,6 +1277,9 @@ impl Dispatcher {
                         max_queued: p.cfg.max_queued,
                         paused: p.paused,
                         counters: p.counters,
+                        queue_wait_ms,
+                        run_time_ms,
+                        kinds,
                     },
                 )
             })
@@ -1254,16 +1287,7 @@ impl Dispatcher {
         let kinds = self
             .kinds
             .iter()
-            .map(|(k, t)| {
-                (
-                    k.clone(),
-                    KindStats {
-                        counters: t.counters,
-                        queue_wait_ms: t.queue_wait.percentiles(),
-                        run_time_ms: t.run_time.percentiles(),
-                    },
-                )
-            })
+            .map(|(k, t)| (k.clone(), t.stats()))
             .collect();
         StatsSnapshot {
             pools,
@@ -1303,7 +1327,7 @@ impl Dispatcher {
                 d.send(Err(JobError::ShuttingDown));
             }
             for w in job.waiters.drain(..) {
-                w.send(Err(JobError::ShuttingDown));
+                w.send(Err(JobError::ShuttingDown), ctx);
             }
         }
         if let Some(c) = &mut self.closing {
@@ -1527,6 +1551,9 @@ pub(crate) struct Submit {
     pub(crate) spec: JobSpec,
     pub(crate) ack: Option<Reply<Result<SubmitAck, JobError>>>,
     pub(crate) direct: Option<DirectReply>,
+    /// Answered with the final record of the job (of the existing job when
+    /// deduplicated): a submit that also waits, in one trip.
+    pub(crate) waiter: Option<RecordWaiter>,
 }
 
 impl Message for Submit {
@@ -1543,6 +1570,7 @@ impl Handler<Submit> for Dispatcher {
             spec,
             ack,
             direct,
+            waiter,
         } = msg;
         if let Some(existing) = self.duplicate_of(&spec) {
             if let Some(d) = direct {
@@ -1551,8 +1579,12 @@ impl Handler<Submit> for Dispatcher {
                     Reply::with(move |r: Result<JobRecord, JobError>| {
                         d.send(r.and_then(|rec| outcome_of(&rec)))
                     }),
+                    None,
                     ctx,
                 );
+            }
+            if let Some(w) = waiter {
+                self.add_waiter(existing, w, None, ctx);
             }
             if let Some(a) = ack {
                 let state = self.record(existing).map_or(JobState::Queued, |r| r.state);
@@ -1567,6 +1599,13 @@ impl Handler<Submit> for Dispatcher {
         match self.check(id, spec) {
             Ok((mut job, delayed)) => {
                 job.direct = direct;
+                if let Some(w) = waiter {
+                    job.waiters.push(Waiter {
+                        token: 0,
+                        reply: w,
+                        timer: None,
+                    });
+                }
                 let answer = self.admit(job, delayed, ctx);
                 if self.store.is_some() {
                     let id = answer.id;
@@ -1579,6 +1618,9 @@ impl Handler<Submit> for Dispatcher {
                 if let Some(d) = direct {
                     d.send(Err(e.clone()));
                 }
+                if let Some(w) = waiter {
+                    w.send(Err(e.clone()));
+                }
                 if let Some(a) = ack {
                     a.send(Err(e));
                 }
@@ -1588,17 +1630,160 @@ impl Handler<Submit> for Dispatcher {
 }
 
 impl Dispatcher {
-    fn add_waiter(&mut self, id: JobId, w: RecordWaiter, ctx: &mut Context<Self>) {
-        if let Some(job) = self.active.get_mut(&id) {
-            job.waiters.push(w);
-            // A started attempt must now report at once when it ends.
-            if let Some(s) = &job.attempt {
-                s.request_notify();
-                self.recheck(ctx);
-            }
-        } else {
+    /// Answer `w` once job `id` is final. A final (or unknown) job is
+    /// answered at once, from memory or the store. With a `timeout`, the
+    /// waiter is answered `WaitTimeout` and dropped when the job is not
+    /// final by then, so a client polling a job that never ends does not
+    /// pile up waiters.
+    fn add_waiter(
+        &mut self,
+        id: JobId,
+        w: RecordWaiter,
+        timeout: Option<Duration>,
+        ctx: &mut Context<Self>,
+    ) {
+        if !self.active.contains_key(&id) {
             // Final (in memory or only in the store), or unknown.
             self.lookup(id, w);
+            return;
+        }
+        let (token, timer) = match timeout {
+            None => (0, None),
+            Some(t) if t.is_zero() => {
+                w.send(Err(JobError::WaitTimeout {
+                    id: Some(id),
+                    waited_ms: 0,
+                }));
+                return;
+            }
+            Some(t) => {
+                let token = self.next_wait_token();
+                let err = JobError::WaitTimeout {
+                    id: Some(id),
+                    waited_ms: t.as_millis() as u64,
+                };
+                let timer = ctx.run_later(t, move |act, _| act.expire_wait(token, &[id], err));
+                (token, Some(timer))
+            }
+        };
+        self.push_waiter(id, w, token, timer, ctx);
+    }
+
+    fn next_wait_token(&mut self) -> u64 {
+        self.wait_tokens += 1;
+        self.wait_tokens
+    }
+
+    /// Add a waiter to an active job (or answer it from `lookup` when the
+    /// job is not active).
+    fn push_waiter(
+        &mut self,
+        id: JobId,
+        reply: RecordWaiter,
+        token: u64,
+        timer: Option<SpawnHandle>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(job) = self.active.get_mut(&id) else {
+            if let Some(t) = timer {
+                ctx.cancel_future(t);
+            }
+            self.lookup(id, reply);
+            return;
+        };
+        // Throw away waiters nobody listens to any more (dropped futures),
+        // each time the list reaches a power of two: amortised O(1) per
+        // wait, and bounded however often a client gives up and waits again.
+        let n = job.waiters.len();
+        if n >= 8 && n.is_power_of_two() {
+            for w in std::mem::take(&mut job.waiters) {
+                if w.reply.is_gone() {
+                    if let Some(t) = w.timer {
+                        ctx.cancel_future(t);
+                    }
+                } else {
+                    job.waiters.push(w);
+                }
+            }
+        }
+        job.waiters.push(Waiter {
+            token,
+            reply,
+            timer,
+        });
+        // A started attempt must now report at once when it ends.
+        if let Some(a) = &job.attempt {
+            a.request_notify();
+            self.recheck(ctx);
+        }
+    }
+
+    /// A timed wait ran out: answer and remove its waiter from each job
+    /// that still has it.
+    fn expire_wait(&mut self, token: u64, ids: &[JobId], err: JobError) {
+        for id in ids {
+            let Some(job) = self.active.get_mut(id) else {
+                continue;
+            };
+            if let Some(i) = job.waiters.iter().position(|w| w.token == token) {
+                let w = job.waiters.swap_remove(i);
+                w.reply.send(Err(err.clone()));
+            }
+        }
+    }
+
+    /// `WaitAny` once every id is known to exist: a final one answers at
+    /// once, else one shared reply waits on all of them.
+    fn wait_any(
+        &mut self,
+        ids: Vec<JobId>,
+        reply: RecordWaiter,
+        timeout: Option<Duration>,
+        ctx: &mut Context<Self>,
+    ) {
+        if let Some(rec) = ids.iter().find_map(|id| self.finished.get(id)) {
+            reply.send(Ok(rec.clone()));
+            return;
+        }
+        if timeout.is_some_and(|t| t.is_zero()) {
+            reply.send(Err(JobError::WaitTimeout {
+                id: None,
+                waited_ms: 0,
+            }));
+            return;
+        }
+        let token = if timeout.is_some() {
+            self.next_wait_token()
+        } else {
+            0
+        };
+        // One reply shared by all: the first job to finish takes it; the
+        // other waiters then count as gone and are pruned.
+        let slot = Arc::new(std::sync::Mutex::new(Some(reply)));
+        for &id in &ids {
+            let (take, probe) = (slot.clone(), slot.clone());
+            let w = Reply::with_probe(
+                move |r| {
+                    let taken = take.lock().ok().and_then(|mut s| s.take());
+                    if let Some(reply) = taken {
+                        reply.send(r);
+                    }
+                },
+                move || {
+                    probe
+                        .lock()
+                        .map(|s| s.as_ref().is_none_or(|r| r.is_gone()))
+                        .unwrap_or(false)
+                },
+            );
+            self.push_waiter(id, w, token, None, ctx);
+        }
+        if let Some(t) = timeout {
+            let err = JobError::WaitTimeout {
+                id: None,
+                waited_ms: t.as_millis() as u64,
+            };
+            ctx.run_later(t, move |act, _| act.expire_wait(token, &ids, err));
         }
     }
 }
@@ -1689,6 +1874,9 @@ impl Handler<SubmitBatch> for Dispatcher {
 pub(crate) struct Wait {
     pub(crate) id: JobId,
     pub(crate) reply: RecordWaiter,
+    /// Answer `WaitTimeout` (and forget the waiter) if the job is not final
+    /// by then.
+    pub(crate) timeout: Option<Duration>,
 }
 
 impl Message for Wait {
@@ -1700,7 +1888,7 @@ impl Handler<Wait> for Dispatcher {
 
     fn handle(&mut self, msg: Wait, ctx: &mut Context<Self>) {
         self.drain(ctx);
-        self.add_waiter(msg.id, msg.reply, ctx);
+        self.add_waiter(msg.id, msg.reply, msg.timeout, ctx);
     }
 }
 
@@ -1708,6 +1896,8 @@ impl Handler<Wait> for Dispatcher {
 pub(crate) struct WaitAny {
     pub(crate) ids: Vec<JobId>,
     pub(crate) reply: RecordWaiter,
+    /// As for `Wait`.
+    pub(crate) timeout: Option<Duration>,
 }
 
 impl Message for WaitAny {
@@ -1719,30 +1909,86 @@ impl Handler<WaitAny> for Dispatcher {
 
     fn handle(&mut self, msg: WaitAny, ctx: &mut Context<Self>) {
         self.drain(ctx);
-        for id in &msg.ids {
-            if self.record(*id).is_none() && self.store.is_none() {
-                msg.reply.send(Err(JobError::NotFound(id.to_string())));
-                return;
+        let missing: Vec<JobId> = msg
+            .ids
+            .iter()
+            .copied()
+            .filter(|id| self.record(*id).is_none())
+            .collect();
+        let Some(&first_missing) = missing.first() else {
+            self.wait_any(msg.ids, msg.reply, msg.timeout, ctx);
+            return;
+        };
+        let Some(s) = &self.store else {
+            msg.reply
+                .send(Err(JobError::NotFound(first_missing.to_string())));
+            return;
+        };
+        // Not in memory: every one of them must be in the store (then it
+        // is final: the store's unfinished jobs are all in memory).
+        let me = ctx.address();
+        let WaitAny {
+            ids,
+            reply,
+            timeout,
+        } = msg;
+        s.addr.do_send(StoreRead::GetMany(
+            missing.clone(),
+            Reply::with(move |found| {
+                me.do_send(WaitAnyLoaded {
+                    ids,
+                    missing,
+                    found,
+                    reply,
+                    timeout,
+                })
+            }),
+        ));
+    }
+}
+
+/// The ids of a `WaitAny` that only the store may know, read back.
+struct WaitAnyLoaded {
+    /// Every id of the `WaitAny`.
+    ids: Vec<JobId>,
+    /// The ids that were not in memory, in the order read.
+    missing: Vec<JobId>,
+    /// What the store holds for each of `missing`.
+    found: Result<Vec<Option<JobRecord>>, StoreError>,
+    /// The waiter.
+    reply: RecordWaiter,
+    /// The wait's timeout, started once the ids are known to exist.
+    timeout: Option<Duration>,
+}
+
+impl Message for WaitAnyLoaded {
+    type Result = ();
+}
+
+impl Handler<WaitAnyLoaded> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: WaitAnyLoaded, ctx: &mut Context<Self>) {
+        self.drain(ctx);
+        let found = match msg.found {
+            Ok(f) => f,
+            Err(e) => return msg.reply.send(Err(JobError::Unavailable(e.0))),
+        };
+        let mut done = None;
+        for (id, rec) in msg.missing.iter().zip(found) {
+            match rec {
+                // Known in memory by now (retried meanwhile): fine.
+                None if self.record(*id).is_some() => {}
+                None => return msg.reply.send(Err(JobError::NotFound(id.to_string()))),
+                Some(r) if r.state.is_final() && self.record(*id).is_none() => {
+                    done.get_or_insert(r);
+                }
+                Some(_) => {}
             }
         }
-        if let Some(rec) = msg.ids.iter().find_map(|id| self.finished.get(id)) {
-            msg.reply.send(Ok(rec.clone()));
-            return;
-        }
-        // One reply shared by all: the first job to finish takes it.
-        let slot = Arc::new(std::sync::Mutex::new(Some(msg.reply)));
-        for id in msg.ids {
-            let slot = slot.clone();
-            self.add_waiter(
-                id,
-                Reply::with(move |r| {
-                    let taken = slot.lock().ok().and_then(|mut s| s.take());
-                    if let Some(reply) = taken {
-                        reply.send(r);
-                    }
-                }),
-                ctx,
-            );
+        match done {
+            Some(rec) => msg.reply.send(Ok(rec)),
+            None => self.wait_any(msg.ids, msg.reply, msg.timeout, ctx),
         }
     }
 }
@@ -1756,6 +2002,9 @@ pub(crate) enum Query {
     Stats(Reply<StatsSnapshot>),
     Pause(String, bool, Reply<Result<(), JobError>>),
     Shutdown(Instant, Reply<()>),
+    /// How many waiters an active job has (tests of waiter clean-up).
+    #[cfg(test)]
+    Waiters(JobId, Reply<usize>),
 }
 
 impl Message for Query {
@@ -1806,6 +2055,8 @@ impl Handler<Query> for Dispatcher {
                 }
             },
             Query::Stats(r) => r.send(self.snapshot()),
+            #[cfg(test)]
+            Query::Waiters(id, r) => r.send(self.active.get(&id).map_or(0, |j| j.waiters.len())),
             Query::Pause(pool, paused, r) => match self.pool_names.get(&pool).copied() {
                 None => r.send(Err(JobError::UnknownPool(pool))),
                 Some(i) => {
@@ -1845,7 +2096,7 @@ impl Handler<Query> for Dispatcher {
                             d.send(Err(JobError::ShuttingDown));
                         }
                         for w in job.waiters.drain(..) {
-                            w.send(Err(JobError::ShuttingDown));
+                            w.send(Err(JobError::ShuttingDown), ctx);
                         }
                     }
                 }
@@ -1992,7 +2243,7 @@ impl Dispatcher {
             _ => {}
         }
         p.counters.submitted = p.counters.submitted.saturating_sub(1);
-        let k = self.kind_totals(&job.rec.kind);
+        let k = self.kind_totals(&job.rec.kind, job.pool);
         k.counters.submitted = k.counters.submitted.saturating_sub(1);
         if let Some(key) = &job.rec.unique_key {
             let k = (job.rec.kind.clone(), key.clone());
@@ -2005,7 +2256,7 @@ impl Dispatcher {
             d.send(Err(err.clone()));
         }
         for w in job.waiters.drain(..) {
-            w.send(Err(err.clone()));
+            w.send(Err(err.clone()), ctx);
         }
         // Jobs that were admitted after it and wait for it stay waiting for
         // a job that never comes: cancel them the same way a failed

@@ -66,18 +66,23 @@ mod reply;
 mod runtime;
 mod stats;
 mod store;
+#[cfg(test)]
+mod waiter_tests;
 
 pub use context::JobContext;
 pub use dispatcher::{Heartbeat, ListPage, ListQuery, Retention, SubmitAck};
 pub use error::{JobError, ShutdownError, StartError};
-pub use handle::Handle;
+pub use handle::{Handle, JobWait};
 pub use job::{
     Attempt, Backoff, ErrorInfo, JobId, JobOptions, JobRecord, JobSpec, JobState, Peer, now_ms,
 };
 pub use pool::PoolConfig;
 pub use registry::{KindOptions, RawHandler};
 pub use runtime::{DEFAULT_POOL, Runtime, RuntimeBuilder};
-pub use stats::{Counters, KindStats, Percentiles, PoolStats, StatsSnapshot, StoreStats};
+pub use stats::{
+    Counters, Distribution, KindStats, LATENCY_BUCKETS_SECONDS, Percentiles, PoolKindStats,
+    PoolStats, StatsSnapshot, StoreStats,
+};
 pub use store::{Change, MemoryStore, Recovered, SqliteStore, SqliteSync, Store, StoreError};
 
 /// The Dispatcher actor type, for code that names it (it is not public API

@@ -100,6 +100,26 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Change the defaults (attempts, backoff, timeout) of a kind
+    /// registered earlier, e.g. from a configuration file that names kinds
+    /// registered by code it does not own. A kind not registered yet makes
+    /// `start` fail, naming it.
+    pub fn kind_defaults(mut self, kind: &str, change: impl FnOnce(&mut KindOptions)) -> Self {
+        match self.kinds.get_mut(kind) {
+            None => self.errors.push(format!(
+                "defaults for kind '{kind}', which is not registered"
+            )),
+            Some(k) => {
+                change(&mut k.options);
+                if k.options.max_attempts == 0 {
+                    self.errors
+                        .push(format!("kind '{kind}': max_attempts must be at least 1"));
+                }
+            }
+        }
+        self
+    }
+
     /// Like `kind`, from a closure over JSON values.
     pub fn raw_handler<F>(self, kind: &str, pool: &str, options: KindOptions, f: F) -> Self
     where
@@ -293,5 +313,55 @@ impl Runtime {
 impl Drop for Runtime {
     fn drop(&mut self) {
         let _ = self.stop(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Backoff, JobOptions, JobState};
+
+    #[test]
+    fn kind_defaults_change_a_registered_kind_and_refuse_unknown_ones() {
+        let b = Runtime::builder()
+            .pool("p", 1)
+            .handler("fail", "p", |_ctx, _: ()| Err::<(), _>("no"));
+        let e = b
+            .kind_defaults("nope", |o| o.max_attempts = 2)
+            .start()
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("'nope'"), "{e}");
+        let e = Runtime::builder()
+            .pool("p", 1)
+            .handler("fail", "p", |_ctx, _: ()| Err::<(), _>("no"))
+            .kind_defaults("fail", |o| o.max_attempts = 0)
+            .start()
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("max_attempts"), "{e}");
+
+        let backoff = Backoff {
+            base_ms: 1,
+            factor: 1.0,
+            max_ms: 1,
+        };
+        let rt = Runtime::builder()
+            .pool("p", 1)
+            .handler("fail", "p", |_ctx, _: ()| Err::<(), _>("no"))
+            .kind_defaults("fail", |o| {
+                o.max_attempts = 3;
+                o.backoff = backoff;
+                o.timeout = Some(Duration::from_secs(7));
+            })
+            .start()
+            .unwrap();
+        let h = rt.handle();
+        let id = h.submit("fail", &(), JobOptions::default()).unwrap();
+        let rec = h.wait_record(id, Duration::from_secs(10)).unwrap();
+        assert_eq!((rec.state, rec.attempt), (JobState::Dead, 3));
+        assert_eq!(rec.backoff, backoff);
+        assert_eq!(rec.timeout_ms, Some(7000));
+        rt.shutdown(Duration::from_secs(10)).unwrap();
     }
 }

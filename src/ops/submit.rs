@@ -100,21 +100,25 @@ async fn submit_direct(h: &Handle, id: Value, job: JobSpec) -> Response {
     }
 }
 
-/// `submit`: admit one job; with `wait`, answer with its outcome.
+/// `submit`: admit one job; with `wait`, answer with its outcome (the
+/// submission and the wait are one trip to the Dispatcher).
 pub(super) async fn submit(h: &Handle, id: Value, job: JobSpec, wait: bool) -> Response {
+    if !wait {
+        return match h.submit_async(job).await {
+            Ok(ack) => ack_response(id, &ack),
+            Err(e) => Response::error(id, &e.info()),
+        };
+    }
     // A job with a unique key may be answered by another job (deduplicated),
     // which only the acknowledgement tells.
-    if wait && job.options.unique_key.is_none() {
+    if job.options.unique_key.is_none() {
         return submit_direct(h, id, job).await;
     }
-    let ack = match h.submit_async(job).await {
-        Ok(ack) => ack,
+    let (ack, done) = match h.submit_and_wait_async(job).await {
+        Ok(admitted) => admitted,
         Err(e) => return Response::error(id, &e.info()),
     };
-    if !wait {
-        return ack_response(id, &ack);
-    }
-    match h.wait_async(ack.id).await {
+    match done.await {
         Ok(rec) => outcome_response(id, &rec, ack.deduplicated),
         // The job was admitted but its outcome cannot be told (shutdown):
         // say which job it was.
