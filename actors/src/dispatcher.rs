@@ -321,7 +321,10 @@ pub struct Dispatcher {
     pools: Vec<PoolState>,
     pool_names: HashMap<String, usize>,
     /// Jobs that are not final.
-    active: IdMap<Active>,
+    /// Boxed: the map's slots stay small (a map grows by doubling, and a
+    /// slot is paid for whether it is used or not), and growing it moves
+    /// pointers rather than whole jobs.
+    active: IdMap<Box<Active>>,
     /// Finished jobs kept for `status`, `wait` and `list`.
     finished: IdMap<JobRecord>,
     /// Finished ids in finishing order, for pruning.
@@ -427,7 +430,7 @@ impl Dispatcher {
     // ----- admission -------------------------------------------------------
 
     /// Check a submission and build its record; nothing is changed yet.
-    fn check(&self, id: JobId, spec: JobSpec) -> Result<(Active, bool), JobError> {
+    fn check(&self, id: JobId, spec: JobSpec) -> Result<(Box<Active>, bool), JobError> {
         if self.closing.is_some() {
             return Err(JobError::ShuttingDown);
         }
@@ -508,7 +511,7 @@ impl Dispatcher {
             finished_at: None,
             submitted_by: opts.submitted_by,
         };
-        let active = Active {
+        let active = Box::new(Active {
             rec,
             pool,
             seq: 0,
@@ -519,7 +522,7 @@ impl Dispatcher {
             waiters: Vec::new(),
             deps_left,
             held: false,
-        };
+        });
         Ok((active, !delay.is_zero()))
     }
 
@@ -530,7 +533,7 @@ impl Dispatcher {
     }
 
     /// Insert a checked job and start its life.
-    fn admit(&mut self, mut job: Active, delayed: bool, ctx: &mut Context<Self>) -> SubmitAck {
+    fn admit(&mut self, mut job: Box<Active>, delayed: bool, ctx: &mut Context<Self>) -> SubmitAck {
         let id = job.rec.id;
         let pool = job.pool;
         if let Some(key) = &job.rec.unique_key {
@@ -1227,7 +1230,7 @@ impl Dispatcher {
         }
         self.active.insert(
             id,
-            Active {
+            Box::new(Active {
                 rec,
                 pool,
                 seq: 0,
@@ -1238,7 +1241,7 @@ impl Dispatcher {
                 waiters: Vec::new(),
                 deps_left: 0,
                 held: false,
-            },
+            }),
         );
         self.enqueue(id);
         self.pump(pool, ctx);
@@ -2340,7 +2343,7 @@ impl Dispatcher {
             let state = rec.state;
             self.active.insert(
                 id,
-                Active {
+                Box::new(Active {
                     rec,
                     pool,
                     seq: 0,
@@ -2351,7 +2354,7 @@ impl Dispatcher {
                     waiters: Vec::new(),
                     deps_left: 0,
                     held: false,
-                },
+                }),
             );
             match state {
                 JobState::Queued => self.pools[pool].queued += 1,
