@@ -100,6 +100,8 @@ pub(crate) type HeartbeatFn = Box<dyn FnMut(Heartbeat) + Send>;
 pub(crate) struct PoolState {
     /// Declared shape.
     pub(crate) cfg: PoolConfig,
+    /// Its name, shared by the records of its jobs.
+    name: Arc<str>,
     /// The SyncArbiter's address; set once the pool is started.
     pub(crate) addr: Option<Addr<Worker>>,
     /// Workers free for a job: the pool's credit.
@@ -130,6 +132,7 @@ impl PoolState {
     pub(crate) fn new(cfg: PoolConfig) -> Self {
         PoolState {
             idle: cfg.threads,
+            name: Arc::from(cfg.name.as_str()),
             cfg,
             addr: None,
             queue: BinaryHeap::new(),
@@ -484,8 +487,8 @@ impl Dispatcher {
         let now = now_ms();
         let rec = JobRecord {
             id,
-            kind: spec.kind,
-            pool: p.cfg.name.clone(),
+            kind: kind.name.clone(),
+            pool: p.name.clone(),
             state: if waits {
                 JobState::Delayed
             } else {
@@ -537,7 +540,7 @@ impl Dispatcher {
         let id = job.rec.id;
         let pool = job.pool;
         if let Some(key) = &job.rec.unique_key {
-            self.unique.insert((job.rec.kind.clone(), key.clone()), id);
+            self.unique.insert((job.rec.kind.to_string(), key.clone()), id);
         }
         let mut notified = false;
         for dep in &job.rec.after {
@@ -741,7 +744,7 @@ impl Dispatcher {
     fn prepare(&mut self, id: JobId) -> Option<RunJob> {
         let job = self.active.get_mut(&id)?;
         // Invariant: admission checked the kind exists.
-        let kind = self.registry.kinds.get(&job.rec.kind)?;
+        let kind = self.registry.kinds.get(&*job.rec.kind)?;
         let attempt = job.rec.attempt + 1;
         let shared = Arc::new(AttemptShared::new(
             id,
@@ -965,7 +968,7 @@ impl Dispatcher {
                 _ => {}
             }
             if let Some(key) = &job.rec.unique_key {
-                let k = (job.rec.kind.clone(), key.clone());
+                let k = (job.rec.kind.to_string(), key.clone());
                 if self.unique.get(&k) == Some(&id) {
                     self.unique.remove(&k);
                 }
@@ -1204,8 +1207,8 @@ impl Dispatcher {
                 rec.state
             )));
         }
-        let Some(&pool) = self.pool_names.get(&rec.pool) else {
-            return Err(JobError::UnknownPool(rec.pool.clone()));
+        let Some(&pool) = self.pool_names.get(&*rec.pool) else {
+            return Err(JobError::UnknownPool(rec.pool.to_string()));
         };
         let p = &self.pools[pool];
         if p.queued + p.delayed >= p.cfg.max_queued {
@@ -1225,7 +1228,7 @@ impl Dispatcher {
         rec.run_at = now_ms();
         if let Some(key) = &rec.unique_key {
             self.unique
-                .entry((rec.kind.clone(), key.clone()))
+                .entry((rec.kind.to_string(), key.clone()))
                 .or_insert(id);
         }
         self.active.insert(
@@ -1370,8 +1373,8 @@ pub(crate) fn list_records<'a>(
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
     let mut page: Vec<&JobRecord> = records
         .filter(|r| q.state.is_none_or(|s| r.state == s))
-        .filter(|r| q.pool.as_ref().is_none_or(|p| &r.pool == p))
-        .filter(|r| q.kind.as_ref().is_none_or(|k| &r.kind == k))
+        .filter(|r| q.pool.as_ref().is_none_or(|p| *r.pool == **p))
+        .filter(|r| q.kind.as_ref().is_none_or(|k| *r.kind == **k))
         .filter(|r| match q.cursor {
             None => true,
             Some(c) if q.oldest_first => r.id > c,
@@ -2249,7 +2252,7 @@ impl Dispatcher {
         let k = self.kind_totals(&job.rec.kind, job.pool);
         k.counters.submitted = k.counters.submitted.saturating_sub(1);
         if let Some(key) = &job.rec.unique_key {
-            let k = (job.rec.kind.clone(), key.clone());
+            let k = (job.rec.kind.to_string(), key.clone());
             if self.unique.get(&k) == Some(&id) {
                 self.unique.remove(&k);
             }
@@ -2299,12 +2302,12 @@ impl Dispatcher {
         let mut settle = Vec::new();
         for mut rec in r.active {
             let id = rec.id;
-            let problem = if !self.registry.kinds.contains_key(&rec.kind) {
+            let problem = if !self.registry.kinds.contains_key(&*rec.kind) {
                 Some(ErrorInfo::new(
                     "unknown_kind",
                     format!("no job kind named '{}' after restart", rec.kind),
                 ))
-            } else if !self.pool_names.contains_key(&rec.pool) {
+            } else if !self.pool_names.contains_key(&*rec.pool) {
                 Some(ErrorInfo::new(
                     "unknown_pool",
                     format!("no pool named '{}' after restart", rec.pool),
@@ -2332,13 +2335,20 @@ impl Dispatcher {
             }
             let Some(&pool) = self
                 .pool_names
-                .get(&rec.pool)
+                .get(&*rec.pool)
                 .or(self.pool_names.get(crate::runtime::DEFAULT_POOL))
             else {
                 continue;
             };
+            // Share the names, as for jobs submitted now.
+            if let Some(k) = self.registry.kinds.get(&*rec.kind) {
+                rec.kind = k.name.clone();
+            }
+            if *rec.pool == *self.pools[pool].name {
+                rec.pool = self.pools[pool].name.clone();
+            }
             if let Some(key) = &rec.unique_key {
-                self.unique.insert((rec.kind.clone(), key.clone()), id);
+                self.unique.insert((rec.kind.to_string(), key.clone()), id);
             }
             let state = rec.state;
             self.active.insert(

@@ -308,10 +308,11 @@ pub struct Attempt {
 pub struct JobRecord {
     /// The job's id.
     pub id: JobId,
-    /// Its kind (handler name).
-    pub kind: String,
-    /// The pool it runs on.
-    pub pool: String,
+    /// Its kind (handler name). Shared by every job of the kind (one
+    /// allocation per kind, not per job).
+    pub kind: Arc<str>,
+    /// The pool it runs on (shared by the pool's jobs, as `kind`).
+    pub pool: Arc<str>,
     /// Where it is in its life.
     pub state: JobState,
     /// Higher runs first.

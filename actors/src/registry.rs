@@ -41,6 +41,8 @@ impl Default for KindOptions {
 /// One registered kind.
 #[derive(Clone)]
 pub(crate) struct Kind {
+    /// Its name, shared by the records of all of its jobs.
+    pub(crate) name: Arc<str>,
     /// The pool its jobs run on unless a submission names another.
     pub(crate) pool: String,
     /// Defaults for its jobs.

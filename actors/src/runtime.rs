@@ -92,6 +92,7 @@ impl RuntimeBuilder {
         self.kinds.insert(
             kind.to_string(),
             Kind {
+                name: Arc::from(kind),
                 pool: pool.to_string(),
                 options,
                 handler,

@@ -71,8 +71,8 @@ fn call_submit_and_wait_round_trip() {
 
     let rec = h.status(id).unwrap();
     assert_eq!(rec.state, JobState::Succeeded);
-    assert_eq!(rec.kind, "add_one");
-    assert_eq!(rec.pool, "cpu");
+    assert_eq!(&*rec.kind, "add_one");
+    assert_eq!(&*rec.pool, "cpu");
     assert_eq!(rec.attempt, 1);
     assert_eq!(rec.result, Some(serde_json::json!(2)));
 
