@@ -232,7 +232,65 @@ impl Waiter {
     }
 }
 
-/// A job that is not final yet.
+/// A job's `wait` callers: nothing (one pointer) for the many jobs nobody
+/// waits for, a vector once someone does.
+#[derive(Default)]
+struct Waiters(Option<Box<Vec<Waiter>>>);
+
+impl Waiters {
+    fn push(&mut self, w: Waiter) {
+        self.0.get_or_insert_with(Default::default).push(w);
+    }
+
+    /// All of them, leaving none.
+    fn take(&mut self) -> Vec<Waiter> {
+        self.0.take().map(|b| *b).unwrap_or_default()
+    }
+
+    fn swap_remove(&mut self, i: usize) -> Option<Waiter> {
+        let v = self.0.as_mut()?;
+        (i < v.len()).then(|| v.swap_remove(i))
+    }
+}
+
+impl std::ops::Deref for Waiters {
+    type Target = [Waiter];
+    fn deref(&self) -> &[Waiter] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+}
+
+impl IntoIterator for Waiters {
+    type Item = Waiter;
+    type IntoIter = std::vec::IntoIter<Waiter>;
+    fn into_iter(mut self) -> Self::IntoIter {
+        self.take().into_iter()
+    }
+}
+
+/// When a job became ready, in nanoseconds since the first job did: half
+/// the size of an `Instant`, in a struct there is one of per queued job.
+#[derive(Clone, Copy)]
+struct Stamp(u64);
+
+/// The origin of every `Stamp`.
+static STAMP_EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+impl Stamp {
+    fn now() -> Stamp {
+        let epoch = *STAMP_EPOCH.get_or_init(Instant::now);
+        Stamp(epoch.elapsed().as_nanos() as u64)
+    }
+
+    /// Time from this stamp to `t` (zero if `t` is earlier).
+    fn until(self, t: Instant) -> Duration {
+        let epoch = *STAMP_EPOCH.get_or_init(Instant::now);
+        t.saturating_duration_since(epoch)
+            .saturating_sub(Duration::from_nanos(self.0))
+    }
+}
+
+/// A job that is not final yet. One per queued job: keep it small.
 struct Active {
     rec: JobRecord,
     /// Index into `pools`.
@@ -240,7 +298,7 @@ struct Active {
     /// Stamp of its current queue entry.
     seq: u64,
     /// When it became ready (for the queue-wait histogram).
-    ready_at: Instant,
+    ready_at: Stamp,
     /// Its delay, retry or timeout timer.
     timer: Option<SpawnHandle>,
     /// The running attempt, shared with the worker.
@@ -249,9 +307,9 @@ struct Active {
     /// attempt while it runs).
     direct: Option<DirectReply>,
     /// `wait` callers.
-    waiters: Vec<Waiter>,
+    waiters: Waiters,
     /// Dependencies not yet succeeded.
-    deps_left: usize,
+    deps_left: u32,
     /// Admitted but not yet committed to the store: it may not run yet.
     held: bool,
 }
@@ -518,11 +576,11 @@ impl Dispatcher {
             rec,
             pool,
             seq: 0,
-            ready_at: Instant::now(),
+            ready_at: Stamp::now(),
             timer: None,
             attempt: None,
             direct: None,
-            waiters: Vec::new(),
+            waiters: Waiters::default(),
             deps_left,
             held: false,
         });
@@ -627,7 +685,7 @@ impl Dispatcher {
         };
         self.seq += 1;
         job.seq = self.seq;
-        job.ready_at = Instant::now();
+        job.ready_at = Stamp::now();
         let p = &mut self.pools[job.pool];
         p.queue.push(QueueEntry {
             priority: job.rec.priority,
@@ -791,7 +849,7 @@ impl Dispatcher {
                 act.on_timeout(id, attempt, ctx)
             }));
         }
-        let queue_wait = started.saturating_duration_since(job.ready_at);
+        let queue_wait = job.ready_at.until(started);
         let totals = kind_totals(&mut self.kinds, &job.rec.kind).pool(job.pool);
         totals.counters.started += 1;
         totals.queue_wait.record(queue_wait);
@@ -871,7 +929,7 @@ impl Dispatcher {
             a.end = Some(now_ms());
             a.error = Some(message.clone());
         }
-        job.rec.error = Some(ErrorInfo::new(code, message.clone()));
+        job.rec.error = Some(Box::new(ErrorInfo::new(code, message.clone())));
         if let Some(t) = job.timer.take() {
             ctx.cancel_future(t);
         }
@@ -976,7 +1034,7 @@ impl Dispatcher {
             if let Some(d) = job.direct.take() {
                 d.send(outcome_of(&job.rec));
             }
-            for w in job.waiters.drain(..) {
+            for w in job.waiters.take() {
                 w.send(Ok(job.rec.clone()), ctx);
             }
             for dep in self.dependents.remove(&id).unwrap_or_default() {
@@ -994,10 +1052,10 @@ impl Dispatcher {
                     }
                 } else {
                     self.pools[d.pool].delayed -= 1;
-                    d.rec.error = Some(ErrorInfo::new(
+                    d.rec.error = Some(Box::new(ErrorInfo::new(
                         "dependency_failed",
                         format!("dependency {id} ended {state}"),
-                    ));
+                    )));
                     cascade.push((dep, JobState::Cancelled, None));
                 }
             }
@@ -1160,7 +1218,7 @@ impl Dispatcher {
             _ => return Ok(job.rec.clone()),
         }
         let was_queued = job.rec.state == JobState::Queued;
-        job.rec.error = Some(ErrorInfo::new("cancelled", reason));
+        job.rec.error = Some(Box::new(ErrorInfo::new("cancelled", reason)));
         self.finish(id, JobState::Cancelled, None, ctx);
         if was_queued {
             self.drop_stale_entries(pool);
@@ -1237,11 +1295,11 @@ impl Dispatcher {
                 rec,
                 pool,
                 seq: 0,
-                ready_at: Instant::now(),
+                ready_at: Stamp::now(),
                 timer: None,
                 attempt: None,
                 direct: None,
-                waiters: Vec::new(),
+                waiters: Waiters::default(),
                 deps_left: 0,
                 held: false,
             }),
@@ -1332,7 +1390,7 @@ impl Dispatcher {
             if let Some(d) = job.direct.take() {
                 d.send(Err(JobError::ShuttingDown));
             }
-            for w in job.waiters.drain(..) {
+            for w in job.waiters.take() {
                 w.send(Err(JobError::ShuttingDown), ctx);
             }
         }
@@ -1731,8 +1789,9 @@ impl Dispatcher {
             let Some(job) = self.active.get_mut(id) else {
                 continue;
             };
-            if let Some(i) = job.waiters.iter().position(|w| w.token == token) {
-                let w = job.waiters.swap_remove(i);
+            if let Some(i) = job.waiters.iter().position(|w| w.token == token)
+                && let Some(w) = job.waiters.swap_remove(i)
+            {
                 w.reply.send(Err(err.clone()));
             }
         }
@@ -2101,7 +2160,7 @@ impl Handler<Query> for Dispatcher {
                         if let Some(d) = job.direct.take() {
                             d.send(Err(JobError::ShuttingDown));
                         }
-                        for w in job.waiters.drain(..) {
+                        for w in job.waiters.take() {
                             w.send(Err(JobError::ShuttingDown), ctx);
                         }
                     }
@@ -2261,7 +2320,7 @@ impl Dispatcher {
         if let Some(d) = job.direct.take() {
             d.send(Err(err.clone()));
         }
-        for w in job.waiters.drain(..) {
+        for w in job.waiters.take() {
             w.send(Err(err.clone()), ctx);
         }
         // Jobs that were admitted after it and wait for it stay waiting for
@@ -2270,10 +2329,10 @@ impl Dispatcher {
         for dep in self.dependents.remove(&id).unwrap_or_default() {
             if self.active.get(&dep).is_some_and(|d| !d.held) {
                 if let Some(d) = self.active.get_mut(&dep) {
-                    d.rec.error = Some(ErrorInfo::new(
+                    d.rec.error = Some(Box::new(ErrorInfo::new(
                         "dependency_failed",
                         format!("dependency {id} could not be stored"),
-                    ));
+                    )));
                     let pool = d.pool;
                     self.pools[pool].delayed -= 1;
                 }
@@ -2303,15 +2362,15 @@ impl Dispatcher {
         for mut rec in r.active {
             let id = rec.id;
             let problem = if !self.registry.kinds.contains_key(&*rec.kind) {
-                Some(ErrorInfo::new(
+                Some(Box::new(ErrorInfo::new(
                     "unknown_kind",
                     format!("no job kind named '{}' after restart", rec.kind),
-                ))
+                )))
             } else if !self.pool_names.contains_key(&*rec.pool) {
-                Some(ErrorInfo::new(
+                Some(Box::new(ErrorInfo::new(
                     "unknown_pool",
                     format!("no pool named '{}' after restart", rec.pool),
-                ))
+                )))
             } else {
                 None
             };
@@ -2320,7 +2379,7 @@ impl Dispatcher {
                     a.end.get_or_insert(now);
                     a.error = Some(INTERRUPTED.to_string());
                 }
-                rec.error = Some(ErrorInfo::new("job_failed", INTERRUPTED));
+                rec.error = Some(Box::new(ErrorInfo::new("job_failed", INTERRUPTED)));
                 if rec.attempt < rec.max_attempts {
                     rec.state = JobState::Queued;
                     rec.run_at = now;
@@ -2357,11 +2416,11 @@ impl Dispatcher {
                     rec,
                     pool,
                     seq: 0,
-                    ready_at: Instant::now(),
+                    ready_at: Stamp::now(),
                     timer: None,
                     attempt: None,
                     direct: None,
-                    waiters: Vec::new(),
+                    waiters: Waiters::default(),
                     deps_left: 0,
                     held: false,
                 }),
@@ -2409,10 +2468,10 @@ impl Dispatcher {
             }
             if let Some((dep, st)) = failed {
                 if let Some(j) = self.active.get_mut(&id) {
-                    j.rec.error = Some(ErrorInfo::new(
+                    j.rec.error = Some(Box::new(ErrorInfo::new(
                         "dependency_failed",
                         format!("dependency {dep} ended {st}"),
-                    ));
+                    )));
                     let pool = j.pool;
                     match j.rec.state {
                         JobState::Queued => self.pools[pool].queued -= 1,

@@ -326,7 +326,9 @@ pub struct JobRecord {
     /// The handler's output once succeeded.
     pub result: Option<Value>,
     /// Why it did not succeed, once final (or why the last attempt failed).
-    pub error: Option<ErrorInfo>,
+    /// Boxed: most jobs never have one, and a queued job's record should
+    /// stay small.
+    pub error: Option<Box<ErrorInfo>>,
     /// Each attempt's timing and error.
     pub attempts: Vec<Attempt>,
     /// Per-attempt timeout in ms, if any.
