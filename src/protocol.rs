@@ -732,7 +732,8 @@ impl Response {
         }
         out.push(b'}');
         // serde_json writes UTF-8 only; the rest are ASCII literals.
-        String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 }
 

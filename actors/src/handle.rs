@@ -355,7 +355,10 @@ impl Handle {
     pub fn submit_direct_async(
         &self,
         spec: JobSpec,
-    ) -> (JobId, impl Future<Output = Result<Value, JobError>> + use<'_>) {
+    ) -> (
+        JobId,
+        impl Future<Output = Result<Value, JobError>> + use<'_>,
+    ) {
         let id = self.alloc_id();
         let (tx, rx) = oneshot::channel::<Outcome>();
         self.inner.dispatcher.do_send(Submit {

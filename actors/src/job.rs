@@ -323,8 +323,8 @@ pub struct JobRecord {
     pub max_attempts: u32,
     /// The input.
     pub payload: Arc<Value>,
-    /// The handler's output once succeeded.
-    pub result: Option<Value>,
+    /// The handler's output once succeeded (boxed, as `error`).
+    pub result: Option<Box<Value>>,
     /// Why it did not succeed, once final (or why the last attempt failed).
     /// Boxed: most jobs never have one, and a queued job's record should
     /// stay small.
@@ -336,9 +336,9 @@ pub struct JobRecord {
     /// Retry backoff.
     pub backoff: Backoff,
     /// Dedup key, if any.
-    pub unique_key: Option<String>,
+    pub unique_key: Option<Box<str>>,
     /// Jobs that must succeed before this one runs.
-    pub after: Vec<JobId>,
+    pub after: Box<[JobId]>,
     /// Submission time (ms since the epoch).
     pub created_at: u64,
     /// Earliest start time (ms since the epoch).

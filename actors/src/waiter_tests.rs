@@ -121,7 +121,7 @@ fn a_zero_timeout_answers_final_jobs_and_times_out_others() {
     let tokio = tokio_rt();
     tokio.block_on(async {
         let rec = h.wait_timeout_async(done, Duration::ZERO).await.unwrap();
-        assert_eq!(rec.result, Some(json!(1)));
+        assert_eq!(rec.result.as_deref(), Some(&json!(1)));
         let e = h
             .wait_timeout_async(busy, Duration::ZERO)
             .await
@@ -184,7 +184,7 @@ fn submit_and_wait_answers_the_id_then_the_record() {
             let rec = done.await.unwrap();
             assert_eq!(rec.id, ack.id);
             assert_eq!(rec.state, JobState::Succeeded);
-            assert_eq!(rec.result, Some(json!({"x": 1})));
+            assert_eq!(rec.result.as_deref(), Some(&json!({"x": 1})));
 
             // A duplicate waits for the job that holds the key.
             let mut first = spec("forever", json!(null));

@@ -74,7 +74,7 @@ fn call_submit_and_wait_round_trip() {
     assert_eq!(&*rec.kind, "add_one");
     assert_eq!(&*rec.pool, "cpu");
     assert_eq!(rec.attempt, 1);
-    assert_eq!(rec.result, Some(serde_json::json!(2)));
+    assert_eq!(rec.result.as_deref(), Some(&serde_json::json!(2)));
 
     rt.shutdown(LONG).unwrap();
 }

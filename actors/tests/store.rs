@@ -69,7 +69,7 @@ fn restart_keeps_queued_order_priorities_delays_and_results() {
     // The finished result and the pause survived.
     let rec = h.status(done).unwrap();
     assert_eq!(rec.state, JobState::Succeeded);
-    assert_eq!(rec.result, Some(serde_json::json!(70)));
+    assert_eq!(rec.result.as_deref(), Some(&serde_json::json!(70)));
     assert!(h.stats().unwrap().pools["work"].paused);
     let d = h.status(delayed).unwrap();
     assert_eq!(d.state, JobState::Delayed);
@@ -112,7 +112,7 @@ fn crashed_store(path: &Path, id: u64, attempt: u32, max_attempts: u32) {
         timeout_ms: None,
         backoff: Default::default(),
         unique_key: None,
-        after: vec![],
+        after: Box::default(),
         created_at: now,
         run_at: now,
         started_at: Some(now),
@@ -223,7 +223,7 @@ fn finished_jobs_pruned_from_memory_are_read_from_the_store() {
         h.wait_record(*id, T).unwrap();
     }
     let first = h.status(ids[0]).unwrap();
-    assert_eq!(first.result, Some(serde_json::json!(0)));
+    assert_eq!(first.result.as_deref(), Some(&serde_json::json!(0)));
     assert_eq!(h.wait::<u64>(ids[1], T).unwrap(), 2);
     assert_eq!(h.stats().unwrap().retained_jobs, 2);
     let page = h

@@ -32,7 +32,10 @@ fn outcome_fields(rec: &JobRecord) -> (bool, Vec<(&'static str, Value)>) {
         ("state", json!(rec.state.as_str())),
     ];
     if rec.state == JobState::Succeeded {
-        fields.push(("result", rec.result.clone().unwrap_or(Value::Null)));
+        fields.push((
+            "result",
+            rec.result.as_deref().cloned().unwrap_or(Value::Null),
+        ));
         return (true, fields);
     }
     let message = rec

@@ -317,7 +317,7 @@ mod tests {
             timeout_ms: None,
             backoff: Backoff::default(),
             unique_key: None,
-            after: vec![],
+            after: Box::default(),
             created_at: 1,
             run_at: 1,
             started_at: None,

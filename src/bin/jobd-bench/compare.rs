@@ -170,9 +170,7 @@ fn start_cells(args: &Args, dir: &Path, jobd: &Path) -> Result<Vec<Cell>> {
                 .collect();
             cells.push(Cell {
                 name,
-                label: format!("beanstalkd {}", shown.join(" "))
-                    .trim()
-                    .to_string(),
+                label: format!("beanstalkd {}", shown.join(" ")).trim().to_string(),
                 target: Target::Beanstalkd(addr),
                 _server: server,
             });
@@ -196,14 +194,7 @@ fn measure(cell: &Cell, args: &Args, limit: Limit) -> Result<Stats> {
     let st = match &cell.target {
         Target::Socket(socket, expect) => {
             let line = load::submit_line("echo", args.payload_bytes, true);
-            load::run(
-                socket,
-                args.connections,
-                args.depth,
-                limit,
-                &line,
-                *expect,
-            )?
+            load::run(socket, args.connections, args.depth, limit, &line, *expect)?
         }
         Target::Beanstalkd(addr) => beanstalk::run(&Setup {
             addr: addr.clone(),
@@ -263,9 +254,7 @@ pub fn run(args: &Args) -> Result<()> {
     println!();
     println!("load average after: {}", load_avg());
     println!();
-    println!(
-        "| cell | server | jobs/s (median) | p50 ms | p99 ms | jobs/s, every round |"
-    );
+    println!("| cell | server | jobs/s (median) | p50 ms | p99 ms | jobs/s, every round |");
     println!("|---|---|---|---|---|---|");
     for (c, rs) in cells.iter().zip(&results) {
         let all: Vec<String> = rs.iter().map(|s| format!("{:.0}", s.rate())).collect();

@@ -29,7 +29,9 @@ pub enum Expect {
 pub fn submit_line(kind: &str, payload_bytes: usize, wait: bool) -> String {
     let kind = serde_json::Value::from(kind);
     let payload = serde_json::Value::from("x".repeat(payload_bytes));
-    format!("\"op\":\"submit\",\"wait\":{wait},\"job\":{{\"kind\":{kind},\"payload\":{payload}}}}}\n")
+    format!(
+        "\"op\":\"submit\",\"wait\":{wait},\"job\":{{\"kind\":{kind},\"payload\":{payload}}}}}\n"
+    )
 }
 
 /// Run `tail` requests over `connections` connections until `limit`.
