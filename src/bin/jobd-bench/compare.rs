@@ -317,7 +317,8 @@ pub fn run(args: &Args) -> Result<()> {
         );
         let rates: Vec<String> = f.step_rates.iter().map(|r| format!("{r:.0}")).collect();
         println!(
-            "submits/s in each tenth of the way: {}; last tenth / first: **{:.2}**",
+            "submits/s in each tenth of the way: {}; end / start (median of the last three \
+             tenths over the first three): **{:.2}**",
             rates.join(", "),
             f.flatness()
         );

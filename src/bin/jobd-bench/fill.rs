@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 
 use crate::load::{self, Expect};
-use crate::measure::Limit;
+use crate::measure::{Limit, median};
 use crate::procs::{peer_pid, rss_kib};
 
 /// Steps the submissions are timed in.
@@ -34,12 +34,17 @@ impl Fill {
         (self.full_kib.saturating_sub(self.idle_kib) * 1024) as f64 / self.count.max(1) as f64
     }
 
-    /// Submit rate in the last step over the first (1.0: flat).
+    /// Submit rate near the end over the rate near the start (1.0: flat):
+    /// the median of the last three steps over that of the first three, so
+    /// that one step slowed by another process does not decide it.
     pub fn flatness(&self) -> f64 {
-        match (self.step_rates.first(), self.step_rates.last()) {
-            (Some(a), Some(b)) if *a > 0.0 => b / a,
-            _ => f64::NAN,
+        let n = self.step_rates.len();
+        if n < 3 {
+            return f64::NAN;
         }
+        let first = median(self.step_rates[..3].to_vec());
+        let last = median(self.step_rates[n - 3..].to_vec());
+        if first > 0.0 { last / first } else { f64::NAN }
     }
 
     /// Print it.
@@ -50,7 +55,7 @@ impl Fill {
                 serde_json::json!({
                     "idle_rss_kib": self.idle_kib, "full_rss_kib": self.full_kib,
                     "jobs": self.count, "bytes_per_job": self.bytes_per_job(),
-                    "step_rates": self.step_rates, "last_over_first": self.flatness(),
+                    "step_rates": self.step_rates, "end_over_start": self.flatness(),
                 })
             );
         } else {
@@ -61,7 +66,7 @@ impl Fill {
                 .collect();
             println!(
                 "idle RSS {:.1} MiB; {} queued jobs: RSS {:.1} MiB, {:.0} bytes per job; \
-                 submits/s per tenth: {} (last/first {:.2})",
+                 submits/s per tenth: {} (end/start {:.2})",
                 self.idle_kib as f64 / 1024.0,
                 self.count,
                 self.full_kib as f64 / 1024.0,
