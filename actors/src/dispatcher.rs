@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::context::{AttemptShared, Interrupt};
 use crate::error::JobError;
 use crate::job::{Attempt, ErrorInfo, JobId, JobRecord, JobSpec, JobState, now_ms};
-use crate::pool::{Failure, PANIC_PREFIX, PoolConfig, RunJob, Worker};
+use crate::pool::{Failure, PANIC_PREFIX, PoolConfig, RunJob, ThreadCount, Worker, start_pool};
 use crate::registry::Registry;
 use crate::reply::{DirectReply, Outcome, Reply};
 use crate::stats::{KindStats, KindTotals, PoolStats, StatsSnapshot, StoreStats};
@@ -98,8 +98,15 @@ pub(crate) struct PoolState {
     pub(crate) cfg: PoolConfig,
     /// The SyncArbiter's address; set once the pool is started.
     pub(crate) addr: Option<Addr<Worker>>,
-    /// Workers free for a job: the pool's credit.
+    /// Workers free for a job: the pool's credit. Counts workers of the
+    /// current SyncArbiter (`generation`) only.
     idle: usize,
+    /// Which SyncArbiter is current: bumped by every resize.
+    generation: u64,
+    /// Jobs still running on workers of earlier generations. Those workers
+    /// get no new job; each report from one lowers this, and its thread
+    /// exits once the old SyncArbiter's queue is empty.
+    retiring: usize,
     /// Ready jobs, highest priority first, FIFO within a priority. May hold
     /// stale entries (cancelled jobs); `seq` tells them apart.
     queue: BinaryHeap<QueueEntry>,
@@ -119,6 +126,8 @@ impl PoolState {
     pub(crate) fn new(cfg: PoolConfig) -> Self {
         PoolState {
             idle: cfg.threads,
+            generation: 0,
+            retiring: 0,
             cfg,
             addr: None,
             queue: BinaryHeap::new(),
@@ -268,6 +277,8 @@ pub struct Dispatcher {
     store: Option<StoreLink>,
     /// What the store held at start, restored when the actor starts.
     recovered: Option<Recovered>,
+    /// Live worker threads, for the pools a resize starts.
+    threads: ThreadCount,
 }
 
 struct Closing {
@@ -282,6 +293,7 @@ impl Dispatcher {
         pools: Vec<PoolState>,
         retention: Retention,
         heartbeat: Option<(Duration, HeartbeatFn)>,
+        threads: ThreadCount,
     ) -> Self {
         let pool_names = pools
             .iter()
@@ -309,6 +321,7 @@ impl Dispatcher {
             heartbeat,
             store: None,
             recovered: None,
+            threads,
         }
     }
 
@@ -1006,6 +1019,7 @@ impl Dispatcher {
                         threads: p.cfg.threads,
                         busy: p.cfg.threads - p.idle,
                         idle: p.idle,
+                        retiring: p.retiring,
                         queued: p.queued,
                         delayed: p.delayed,
                         running: p.running,
@@ -1044,10 +1058,79 @@ impl Dispatcher {
         }
     }
 
+    // ----- live pool changes ------------------------------------------------
+
+    /// Change a pool's admission limit at once and, when `threads` differs,
+    /// its size: a new SyncArbiter of `threads` workers becomes the pool's
+    /// address; the old one gets no new job, its busy workers finish their
+    /// current job (reported as `retiring`) and its threads exit once its
+    /// address is dropped and its queue is empty. Queued jobs stay queued.
+    fn resize(
+        &mut self,
+        name: &str,
+        threads: usize,
+        max_queued: usize,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), JobError> {
+        if self.closing.is_some() {
+            return Err(JobError::ShuttingDown);
+        }
+        check_pool_shape(name, threads, max_queued)?;
+        let i = *self
+            .pool_names
+            .get(name)
+            .ok_or_else(|| JobError::UnknownPool(name.to_string()))?;
+        let me = ctx.address();
+        let p = &mut self.pools[i];
+        if threads != p.cfg.threads {
+            let cfg = PoolConfig {
+                threads,
+                ..p.cfg.clone()
+            };
+            let generation = p.generation + 1;
+            let addr = start_pool(&cfg, i, generation, me, self.threads.clone())
+                .map_err(JobError::Internal)?;
+            p.retiring += p.cfg.threads - p.idle;
+            p.generation = generation;
+            p.idle = threads;
+            p.cfg.threads = threads;
+            // Dropping the old address retires the old SyncArbiter.
+            p.addr = Some(addr);
+        }
+        p.cfg.max_queued = max_queued;
+        self.pump(i, ctx);
+        Ok(())
+    }
+
+    /// Start a new pool while running. Jobs reach it through
+    /// `JobOptions::pool` (kinds keep the pool they were registered with).
+    fn add_pool(&mut self, cfg: PoolConfig, ctx: &mut Context<Self>) -> Result<(), JobError> {
+        if self.closing.is_some() {
+            return Err(JobError::ShuttingDown);
+        }
+        check_pool_shape(&cfg.name, cfg.threads, cfg.max_queued)?;
+        if self.pool_names.contains_key(&cfg.name) {
+            return Err(JobError::BadRequest(format!(
+                "pool '{}' already exists",
+                cfg.name
+            )));
+        }
+        let i = self.pools.len();
+        let addr = start_pool(&cfg, i, 0, ctx.address(), self.threads.clone())
+            .map_err(JobError::Internal)?;
+        self.pool_names.insert(cfg.name.clone(), i);
+        let mut state = PoolState::new(cfg);
+        state.addr = Some(addr);
+        self.pools.push(state);
+        Ok(())
+    }
+
     // ----- shutdown --------------------------------------------------------
 
     fn all_idle(&self) -> bool {
-        self.pools.iter().all(|p| p.idle == p.cfg.threads)
+        self.pools
+            .iter()
+            .all(|p| p.idle == p.cfg.threads && p.retiring == 0)
     }
 
     /// The drain is over (all workers idle, or the deadline passed): answer
@@ -1098,6 +1181,24 @@ impl Dispatcher {
         ctx.stop();
         actix::System::current().stop();
     }
+}
+
+/// A pool needs a name, a thread and room for one queued job.
+fn check_pool_shape(name: &str, threads: usize, max_queued: usize) -> Result<(), JobError> {
+    if name.is_empty() {
+        return Err(JobError::BadRequest("a pool needs a name".into()));
+    }
+    if threads == 0 {
+        return Err(JobError::BadRequest(format!(
+            "pool '{name}' needs at least one thread"
+        )));
+    }
+    if max_queued == 0 {
+        return Err(JobError::BadRequest(format!(
+            "pool '{name}': max_queued must be at least 1"
+        )));
+    }
+    Ok(())
 }
 
 /// One page of `records` matching `q` (filter, order, cursor, limit).
@@ -1210,6 +1311,8 @@ pub(crate) struct AttemptDone {
     pub(crate) id: JobId,
     pub(crate) attempt: u32,
     pub(crate) pool: usize,
+    /// The reporting worker's SyncArbiter generation.
+    pub(crate) generation: u64,
     pub(crate) outcome: Result<Value, Failure>,
     /// False when the Dispatcher had already ended the attempt (timeout,
     /// cancel): then only the worker's credit comes back.
@@ -1226,7 +1329,14 @@ impl Handler<AttemptDone> for Dispatcher {
 
     fn handle(&mut self, msg: AttemptDone, ctx: &mut Context<Self>) {
         let pool = msg.pool;
-        self.pools[pool].idle += 1;
+        let p = &mut self.pools[pool];
+        if msg.generation == p.generation {
+            p.idle += 1;
+        } else {
+            // A worker of an earlier size: it gets no new job and its
+            // thread exits; no credit comes back.
+            p.retiring = p.retiring.saturating_sub(1);
+        }
         let current = self
             .active
             .get(&msg.id)
@@ -1472,6 +1582,8 @@ pub(crate) enum Query {
     List(ListQuery, Reply<ListPage>),
     Stats(Reply<StatsSnapshot>),
     Pause(String, bool, Reply<Result<(), JobError>>),
+    Resize(String, usize, usize, Reply<Result<(), JobError>>),
+    AddPool(PoolConfig, Reply<Result<(), JobError>>),
     Shutdown(Instant, Reply<()>),
 }
 
@@ -1533,6 +1645,10 @@ impl Handler<Query> for Dispatcher {
                     r.send(Ok(()));
                 }
             },
+            Query::Resize(pool, threads, max_queued, r) => {
+                r.send(self.resize(&pool, threads, max_queued, ctx))
+            }
+            Query::AddPool(cfg, r) => r.send(self.add_pool(cfg, ctx)),
             Query::Shutdown(deadline, r) => {
                 if let Some(c) = &mut self.closing {
                     c.replies.push(r);

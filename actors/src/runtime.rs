@@ -173,16 +173,35 @@ impl RuntimeBuilder {
                 let sys = actix_rt::System::new();
                 sys.block_on(async move {
                     let states = pools.iter().cloned().map(PoolState::new).collect();
-                    let dispatcher = Dispatcher::new(registry, states, retention, heartbeat);
+                    let dispatcher = Dispatcher::new(
+                        registry,
+                        states,
+                        retention,
+                        heartbeat,
+                        worker_threads.clone(),
+                    );
                     // Start the Dispatcher first so the pools can know its
                     // address, then hand it theirs before any job exists.
                     let ctx = actix::Context::<Dispatcher>::new();
                     let addr = ctx.address();
-                    let addrs = pools
+                    let addrs: Result<Vec<_>, String> = pools
                         .iter()
                         .enumerate()
-                        .map(|(i, p)| start_pool(p, i, addr.clone(), worker_threads.clone()))
+                        .map(|(i, p)| start_pool(p, i, 0, addr.clone(), worker_threads.clone()))
                         .collect();
+                    let addrs = match addrs {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // The pools started so far go with their
+                            // addresses; their threads exit.
+                            let _ = ready_tx.send(Err(StartError::Spawn {
+                                what: "pool threads".into(),
+                                source: std::io::Error::other(e),
+                            }));
+                            actix::System::current().stop();
+                            return;
+                        }
+                    };
                     let mut dispatcher = dispatcher;
                     dispatcher.set_pool_addrs(addrs);
                     if let (Some(store), Some(recovered)) = (store, recovered) {
@@ -199,7 +218,7 @@ impl RuntimeBuilder {
                     }
                     let addr = ctx.run(dispatcher);
                     let handle = Handle::new(addr, actix_rt::Arbiter::current(), ids);
-                    let _ = ready_tx.send(handle);
+                    let _ = ready_tx.send(Ok(handle));
                 });
                 // Runs until the Dispatcher stops the System.
                 let _ = sys.run();
@@ -208,7 +227,14 @@ impl RuntimeBuilder {
                 what: "the jobd-system thread".into(),
                 source,
             })?;
-        let handle = ready_rx.recv().map_err(|_| StartError::Died)?;
+        let handle = match ready_rx.recv() {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                let _ = system_thread.join();
+                return Err(e);
+            }
+            Err(_) => return Err(StartError::Died),
+        };
         Ok(Runtime {
             handle,
             system_thread: Some(system_thread),
