@@ -8,7 +8,8 @@
 //! against the runtime), `session` (one actor per connection), `server`
 //! (socket, accept loop, shutdown), `auth` (allow-lists), `client` (the
 //! blocking client `jobctl` uses), `kinds` (job kinds), `daemon` (start-up:
-//! config to running server).
+//! config to running server), `systemd` (sd_notify, watchdog, socket
+//! activation), `reload` (SIGHUP: apply a new configuration live).
 
 pub mod auth;
 pub mod client;
@@ -19,5 +20,7 @@ pub mod logging;
 pub mod ops;
 pub mod paths;
 pub mod protocol;
+pub mod reload;
 pub mod server;
 pub mod session;
+pub mod systemd;
