@@ -307,7 +307,7 @@ pub struct Notifier {
 impl Notifier {
     /// On when `NOTIFY_SOCKET` is set: starts the sender thread.
     pub fn from_env() -> Notifier {
-        if !std::env::var_os("NOTIFY_SOCKET").is_some_and(|v| !v.is_empty()) {
+        if std::env::var_os("NOTIFY_SOCKET").is_none_or(|v| v.is_empty()) {
             return Notifier { tx: None };
         }
         let (tx, rx) = crossbeam_channel::bounded::<Vec<String>>(NOTIFY_QUEUE);
