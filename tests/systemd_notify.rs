@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use common::{Client, signal, wait_exit};
-use systemd_support::{NotifySocket, Setup};
+use systemd_support::{NotifySocket, Reap, Setup};
 
 const LONG: Duration = Duration::from_secs(20);
 
@@ -23,14 +23,14 @@ fn ready_status_watchdog_and_stopping() {
     let mut notify = NotifySocket::new();
     let setup = Setup::new("shutdown_timeout_secs = 20\n");
     let path = notify.path().to_str().unwrap().to_string();
-    let mut child = setup.spawn(
+    let mut child = Reap(setup.spawn(
         &[
             ("NOTIFY_SOCKET", &path),
             ("WATCHDOG_USEC", "200000"),
             ("JOBD_LOG", "warn"),
         ],
         Stdio::inherit(),
-    );
+    ));
 
     // READY=1: connect at once, no retry. It must work.
     let ready = notify.wait_for(LONG, "READY=1", |m| m.has("READY=1"));
@@ -70,7 +70,7 @@ fn ready_status_watchdog_and_stopping() {
 
     // SIGTERM: STOPPING=1 while the job still runs, watchdog pings go on
     // during the drain, and the daemon exits cleanly once the job is done.
-    signal(&child, libc::SIGTERM);
+    signal(&child.0, libc::SIGTERM);
     let stopping = notify.wait_for(LONG, "STOPPING=1", |m| m.has("STOPPING=1"));
     assert!(
         stopping
@@ -82,7 +82,7 @@ fn ready_status_watchdog_and_stopping() {
     notify.wait_for(Duration::from_secs(5), "WATCHDOG=1 while draining", |m| {
         m.has("WATCHDOG=1")
     });
-    assert!(wait_exit(&mut child, LONG).success());
+    assert!(wait_exit(&mut child.0, LONG).success());
     assert!(
         notify.seen.iter().filter(|m| m.has("READY=1")).count() == 1,
         "READY=1 is sent once"
@@ -94,7 +94,7 @@ fn no_watchdog_pings_when_watchdog_pid_is_another_process() {
     let mut notify = NotifySocket::new();
     let setup = Setup::new("");
     let path = notify.path().to_str().unwrap().to_string();
-    let mut child = setup.spawn(
+    let mut child = Reap(setup.spawn(
         &[
             ("NOTIFY_SOCKET", &path),
             ("WATCHDOG_USEC", "100000"),
@@ -102,7 +102,7 @@ fn no_watchdog_pings_when_watchdog_pid_is_another_process() {
             ("JOBD_LOG", "warn"),
         ],
         Stdio::inherit(),
-    );
+    ));
     notify.wait_for(LONG, "READY=1", |m| m.has("READY=1"));
     // Twelve watchdog intervals' worth of silence.
     let got = notify.collect_for(Duration::from_millis(600));
@@ -111,16 +111,16 @@ fn no_watchdog_pings_when_watchdog_pid_is_another_process() {
         "{:?}",
         got.iter().map(|m| &m.lines).collect::<Vec<_>>()
     );
-    signal(&child, libc::SIGTERM);
+    signal(&child.0, libc::SIGTERM);
     notify.wait_for(LONG, "STOPPING=1", |m| m.has("STOPPING=1"));
-    assert!(wait_exit(&mut child, LONG).success());
+    assert!(wait_exit(&mut child.0, LONG).success());
 }
 
 #[test]
 fn without_notify_socket_nothing_changes() {
     // The same binary by hand: no NOTIFY_SOCKET, no messages, serves as usual.
     let setup = Setup::new("");
-    let mut child = setup.spawn(&[("JOBD_LOG", "warn")], Stdio::inherit());
+    let mut child = Reap(setup.spawn(&[("JOBD_LOG", "warn")], Stdio::inherit()));
     let deadline = std::time::Instant::now() + LONG;
     let mut c = loop {
         if let Ok(c) = Client::connect(&setup.socket) {
@@ -133,6 +133,6 @@ fn without_notify_socket_nothing_changes() {
         .request(json!({"op": "submit", "job": {"kind": "echo", "payload": 7}, "wait": true}))
         .unwrap();
     assert_eq!(r["result"], json!(7), "{r}");
-    signal(&child, libc::SIGTERM);
-    assert!(wait_exit(&mut child, LONG).success());
+    signal(&child.0, libc::SIGTERM);
+    assert!(wait_exit(&mut child.0, LONG).success());
 }

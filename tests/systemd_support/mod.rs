@@ -179,3 +179,14 @@ impl Setup {
             .expect("spawn jobd")
     }
 }
+
+/// Kills and reaps a child process when dropped, so a failing test leaves
+/// no daemon behind.
+pub struct Reap(pub Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
