@@ -188,6 +188,19 @@ impl Client {
         }
     }
 
+    /// Block until the next answer to any request: one already read by an
+    /// earlier [`recv`](Self::recv) first, else the next line. For callers
+    /// that pipeline many requests and take answers as they come (the
+    /// answer's `id` tells which request it is for).
+    pub fn recv_any(&mut self) -> Result<Response, ClientError> {
+        if let Some(id) = self.early.keys().next().copied()
+            && let Some(r) = self.early.remove(&id)
+        {
+            return Ok(r);
+        }
+        self.read_one()
+    }
+
     /// Send one request and wait for its answer.
     pub fn call(&mut self, op: &str, fields: Value) -> Result<Response, ClientError> {
         let id = self.send(op, fields)?;
@@ -267,6 +280,26 @@ mod tests {
             c.call("hello", Value::Null),
             Err(ClientError::Closed)
         ));
+    }
+
+    #[test]
+    fn recv_any_takes_answers_as_they_come_kept_ones_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let server = reversing_server(&path, 3);
+        let mut c = Client::connect(&path).unwrap();
+        let ids: Vec<u64> = (0..3)
+            .map(|_| c.send("hello", Value::Null).unwrap())
+            .collect();
+        // Waiting for the first request reads (and keeps) the other two.
+        assert_eq!(c.recv(ids[0]).unwrap().get("id"), &json!(ids[0]));
+        let mut rest: Vec<u64> = (0..2)
+            .map(|_| c.recv_any().unwrap().get("id").as_u64().unwrap())
+            .collect();
+        rest.sort();
+        assert_eq!(rest, ids[1..]);
+        server.join().unwrap();
+        assert!(matches!(c.recv_any(), Err(ClientError::Closed)));
     }
 
     #[test]

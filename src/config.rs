@@ -214,6 +214,188 @@ impl PoolSettings {
     }
 }
 
+/// The `[metrics]` table: the optional HTTP endpoint for Prometheus.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where to serve `GET /metrics`: a loopback `ADDRESS:PORT`
+    /// (`127.0.0.1:9464`, `[::1]:9464`, `localhost:9464`) or an absolute
+    /// Unix socket path. Unset (the default): no endpoint; the `metrics` op
+    /// on the job socket works either way.
+    pub listen: Option<String>,
+}
+
+/// Where the metrics endpoint listens, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// A loopback TCP address.
+    Tcp(std::net::SocketAddr),
+    /// A Unix stream socket.
+    Unix(PathBuf),
+}
+
+impl MetricsConfig {
+    /// The endpoint's address, if one is configured: only loopback
+    /// addresses and absolute Unix socket paths are accepted, so the
+    /// endpoint is never reachable from another machine by accident.
+    pub fn endpoint(&self) -> Result<Option<MetricsListen>, ConfigError> {
+        let Some(raw) = self.listen.as_deref() else {
+            return Ok(None);
+        };
+        let s = raw.trim();
+        if s.starts_with('/') {
+            return Ok(Some(MetricsListen::Unix(PathBuf::from(s))));
+        }
+        let bad = |why: &str| {
+            ConfigError::Invalid(format!(
+                "metrics.listen = {raw:?}: {why}; use a loopback address such as \
+                 \"127.0.0.1:9464\" or \"[::1]:9464\", or an absolute Unix socket path"
+            ))
+        };
+        let addr: std::net::SocketAddr = match s.strip_prefix("localhost:") {
+            Some(port) => {
+                let port: u16 = port.parse().map_err(|_| bad("not a port number"))?;
+                (std::net::Ipv4Addr::LOCALHOST, port).into()
+            }
+            None => s
+                .parse()
+                .map_err(|_| bad("not an IP address with a port"))?,
+        };
+        if !addr.ip().is_loopback() {
+            return Err(bad(
+                "only loopback addresses are allowed (metrics carry no authentication)",
+            ));
+        }
+        Ok(Some(MetricsListen::Tcp(addr)))
+    }
+}
+
+/// One `[kinds.NAME]` table. With `argv` it declares a command kind (see
+/// `kinds::command`); without `argv` it sets the defaults of a built-in
+/// kind (`echo`, `sleep`, `exec`): `max_attempts`, `backoff` and (except
+/// for `exec`, whose timeout is `[exec] timeout_secs`) `timeout_secs`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KindSettings {
+    /// Command kinds: the program (absolute path) and its arguments.
+    pub argv: Option<Vec<String>>,
+    /// Command kinds: the pool they run on (default `default`).
+    pub pool: Option<String>,
+    /// Per-attempt timeout in seconds, 0 for none. Command kinds default to
+    /// `[exec] timeout_secs`, built-in kinds to none.
+    pub timeout_secs: Option<u64>,
+    /// Attempts in all when a submission does not say (default 1).
+    pub max_attempts: Option<u32>,
+    /// Command kinds: also write the payload as JSON to stdin.
+    pub stdin_payload: Option<bool>,
+    /// Retry backoff when a submission does not say.
+    pub backoff: Option<BackoffSettings>,
+}
+
+/// `backoff = { base_ms = 1000, factor = 2, max_ms = 300000 }` of a kind;
+/// missing members take these defaults (as on the wire).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackoffSettings {
+    /// Delay before the first retry, in milliseconds.
+    pub base_ms: Option<u64>,
+    /// Growth per further retry (1 to 100).
+    pub factor: Option<f64>,
+    /// Longest single delay, in milliseconds.
+    pub max_ms: Option<u64>,
+}
+
+impl BackoffSettings {
+    /// The backoff, defaults filled in.
+    pub fn to_backoff(self) -> jobd_actors::Backoff {
+        let d = jobd_actors::Backoff::default();
+        jobd_actors::Backoff {
+            base_ms: self.base_ms.unwrap_or(d.base_ms),
+            factor: self.factor.unwrap_or(d.factor),
+            max_ms: self.max_ms.unwrap_or(d.max_ms),
+        }
+    }
+}
+
+impl KindSettings {
+    /// The command kind this table declares, if it has `argv`.
+    pub fn command(&self) -> Option<CommandKind> {
+        Some(CommandKind {
+            argv: self.argv.clone()?,
+            pool: self
+                .pool
+                .clone()
+                .unwrap_or_else(|| jobd_actors::DEFAULT_POOL.to_string()),
+            timeout_secs: self.timeout_secs,
+            max_attempts: self.max_attempts,
+            stdin_payload: self.stdin_payload.unwrap_or(false),
+        })
+    }
+
+    /// Check the values of table `kinds.NAME`.
+    fn validate(&self, name: &str) -> Result<(), String> {
+        use crate::kinds::command::RESERVED_KINDS;
+        use crate::protocol::{MAX_ATTEMPTS, MAX_DURATION_MS};
+        let at = format!("kinds.{name}");
+        if name.is_empty() {
+            return Err("a [kinds] table needs a non-empty name".into());
+        }
+        if self.argv.is_none() {
+            if !RESERVED_KINDS.contains(&name) {
+                return Err(format!(
+                    "{at}: argv is missing (a command kind needs argv; a table without \
+                     argv sets the defaults of a built-in kind: {})",
+                    RESERVED_KINDS.join(", ")
+                ));
+            }
+            for (key, set) in [
+                ("pool", self.pool.is_some()),
+                ("stdin_payload", self.stdin_payload.is_some()),
+            ] {
+                if set {
+                    return Err(format!(
+                        "{at}: {key} is for command kinds (with argv), not for the built-in kind '{name}'"
+                    ));
+                }
+            }
+            if name == crate::kinds::exec::EXEC_KIND && self.timeout_secs.is_some() {
+                return Err(format!(
+                    "{at}: the exec kind's timeout is [exec] timeout_secs"
+                ));
+            }
+        }
+        if let Some(n) = self.max_attempts
+            && (n == 0 || u64::from(n) > MAX_ATTEMPTS)
+        {
+            return Err(format!(
+                "{at}.max_attempts must be between 1 and {MAX_ATTEMPTS} (got {n})"
+            ));
+        }
+        if self.timeout_secs.is_some_and(|t| t > MAX_SECS) {
+            return Err(format!(
+                "{at}.timeout_secs must be at most {MAX_SECS} (ten years)"
+            ));
+        }
+        if let Some(b) = self.backoff {
+            let b = b.to_backoff();
+            for (key, ms) in [("base_ms", b.base_ms), ("max_ms", b.max_ms)] {
+                if ms > MAX_DURATION_MS {
+                    return Err(format!(
+                        "{at}.backoff.{key} must be at most {MAX_DURATION_MS} (one year)"
+                    ));
+                }
+            }
+            if !(1.0..=100.0).contains(&b.factor) {
+                return Err(format!(
+                    "{at}.backoff.factor must be between 1 and 100 (got {})",
+                    b.factor
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Everything the daemon can be configured with. Field names are the TOML
 /// keys; `config/jobd.toml` documents each.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -255,8 +437,10 @@ pub struct Config {
     pub pools: BTreeMap<String, PoolSettings>,
     /// The `exec` kind.
     pub exec: ExecConfig,
-    /// Command kinds by name.
-    pub kinds: BTreeMap<String, CommandKind>,
+    /// Command kinds, and defaults of built-in kinds, by name.
+    pub kinds: BTreeMap<String, KindSettings>,
+    /// The optional Prometheus endpoint.
+    pub metrics: MetricsConfig,
 }
 
 impl Default for Config {
@@ -279,6 +463,7 @@ impl Default for Config {
             pools: BTreeMap::new(),
             exec: ExecConfig::default(),
             kinds: BTreeMap::new(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -441,11 +626,15 @@ impl Config {
                 return bad(format!("pools.{name}.max_queued must be at least 1"));
             }
         }
+        for (name, k) in &self.kinds {
+            k.validate(name).map_err(ConfigError::Invalid)?;
+        }
         if let Some(g) = &self.socket_group
             && g.is_empty()
         {
             return bad("socket_group must not be empty (leave it out instead)".into());
         }
+        self.metrics.endpoint()?;
         Ok(())
     }
 
@@ -463,6 +652,14 @@ impl Config {
             ));
         }
         pools
+    }
+
+    /// The command kinds: every `[kinds.NAME]` table with `argv`.
+    pub fn command_kinds(&self) -> BTreeMap<String, CommandKind> {
+        self.kinds
+            .iter()
+            .filter_map(|(n, k)| Some((n.clone(), k.command()?)))
+            .collect()
     }
 
     /// The idle timeout, None for never.
@@ -693,8 +890,52 @@ mod tests {
         let c = load(&all, &[]).unwrap_or_else(|e| panic!("{e}\n{all}"));
         assert_eq!(c.socket_group.as_deref(), Some("jobd"));
         assert_eq!(c.pools["io"].threads, Some(8));
-        assert_eq!(c.kinds["thumbnail"].argv.len(), 5);
+        assert_eq!(c.command_kinds()["thumbnail"].argv.len(), 5);
+        assert_eq!(c.kinds["sleep"].max_attempts, Some(3));
+        assert_eq!(c.kinds["thumbnail"].backoff.unwrap().factor, Some(2.0));
         assert_eq!(c.auth.allow_uids, Vec::<u32>::new());
+    }
+
+    #[test]
+    fn metrics_listen_takes_loopback_or_a_unix_path_only() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.metrics.endpoint().unwrap(), None);
+        let c = load("[metrics]\nlisten = \"127.0.0.1:9464\"\n", &[]).unwrap();
+        assert_eq!(
+            c.metrics.endpoint().unwrap(),
+            Some(MetricsListen::Tcp("127.0.0.1:9464".parse().unwrap()))
+        );
+        let c = load("", &[("JOBD__METRICS__LISTEN", "[::1]:9")]).unwrap();
+        assert_eq!(
+            c.metrics.endpoint().unwrap(),
+            Some(MetricsListen::Tcp("[::1]:9".parse().unwrap()))
+        );
+        let c = load("[metrics]\nlisten = \"localhost:80\"\n", &[]).unwrap();
+        assert_eq!(
+            c.metrics.endpoint().unwrap(),
+            Some(MetricsListen::Tcp("127.0.0.1:80".parse().unwrap()))
+        );
+        let c = load("[metrics]\nlisten = \"/run/jobd/metrics.sock\"\n", &[]).unwrap();
+        assert_eq!(
+            c.metrics.endpoint().unwrap(),
+            Some(MetricsListen::Unix("/run/jobd/metrics.sock".into()))
+        );
+        for bad in [
+            "0.0.0.0:9464",
+            "192.168.1.5:9464",
+            "[::]:1",
+            "example.com:80",
+            "9464",
+            "rel/path",
+        ] {
+            let e = load(&format!("[metrics]\nlisten = \"{bad}\"\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("metrics.listen") && e.contains("loopback"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]
@@ -705,5 +946,71 @@ mod tests {
         assert!(load("not toml at all [", &[]).is_err());
         assert!(load("shutdown_timeout_secs = 999999999999\n", &[]).is_err());
         assert!(load("max_connections = 0\n", &[]).is_err());
+    }
+
+    #[test]
+    fn kind_tables_set_defaults_of_builtin_and_command_kinds() {
+        let c = load(
+            "[kinds.sleep]\nmax_attempts = 4\ntimeout_secs = 9\nbackoff = { base_ms = 250, factor = 3 }\n\
+             [kinds.cmd]\nargv = [\"/bin/true\"]\nbackoff = { max_ms = 10 }\n",
+            &[],
+        )
+        .unwrap();
+        let sleep = &c.kinds["sleep"];
+        assert_eq!(sleep.max_attempts, Some(4));
+        assert_eq!(sleep.timeout_secs, Some(9));
+        let b = sleep.backoff.unwrap().to_backoff();
+        assert_eq!((b.base_ms, b.factor, b.max_ms), (250, 3.0, 300_000));
+        assert!(sleep.command().is_none());
+        let cmds = c.command_kinds();
+        assert_eq!(cmds.keys().collect::<Vec<_>>(), ["cmd"]);
+        assert_eq!(cmds["cmd"].pool, "default");
+        assert_eq!(c.kinds["cmd"].backoff.unwrap().to_backoff().max_ms, 10);
+
+        // The environment reaches the same keys, numbers as numbers.
+        let c = load(
+            "",
+            &[
+                ("JOBD__KINDS__ECHO__MAX_ATTEMPTS", "3"),
+                ("JOBD__KINDS__ECHO__BACKOFF__FACTOR", "1.5"),
+                ("JOBD__KINDS__ECHO__BACKOFF__BASE_MS", "20"),
+            ],
+        )
+        .unwrap();
+        let echo = &c.kinds["echo"];
+        assert_eq!(echo.max_attempts, Some(3));
+        let b = echo.backoff.unwrap().to_backoff();
+        assert_eq!((b.base_ms, b.factor), (20, 1.5));
+    }
+
+    #[test]
+    fn bad_kind_tables_are_refused_naming_the_key() {
+        for (toml, want) in [
+            ("[kinds.nope]\nmax_attempts = 2\n", "argv is missing"),
+            ("[kinds.echo]\npool = \"io\"\n", "pool"),
+            ("[kinds.sleep]\nstdin_payload = true\n", "stdin_payload"),
+            ("[kinds.exec]\ntimeout_secs = 5\n", "[exec] timeout_secs"),
+            (
+                "[kinds.echo]\nmax_attempts = 0\n",
+                "kinds.echo.max_attempts",
+            ),
+            (
+                "[kinds.echo]\nmax_attempts = 1001\n",
+                "kinds.echo.max_attempts",
+            ),
+            (
+                "[kinds.echo]\nbackoff = { factor = 0.5 }\n",
+                "kinds.echo.backoff.factor",
+            ),
+            (
+                "[kinds.echo]\nbackoff = { base_ms = 99999999999999 }\n",
+                "kinds.echo.backoff.base_ms",
+            ),
+            ("[kinds.echo]\nbackoff = { base = 1 }\n", "base"),
+            ("[kinds.echo]\nretries = 3\n", "retries"),
+        ] {
+            let e = load(toml, &[]).unwrap_err().to_string();
+            assert!(e.contains(want), "{toml}: {e}");
+        }
     }
 }

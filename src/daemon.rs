@@ -53,6 +53,9 @@ pub enum DaemonError {
     /// The socket server failed.
     #[error("{0}")]
     Server(#[from] ServerError),
+    /// The metrics endpoint could not be set up.
+    #[error("{0}")]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// A second signal cut the drain short.
     #[error("stopped without waiting for running jobs (second signal)")]
     Forced,
@@ -91,6 +94,19 @@ fn create_state_dir(dir: &std::path::Path) -> std::io::Result<()> {
     match std::fs::DirBuilder::new().mode(0o750).create(dir) {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
         r => r,
+    }
+}
+
+/// Under a file-size limit (`RLIMIT_FSIZE`, e.g. `prlimit --fsize`) a write
+/// past the limit raises SIGXFSZ, which would kill the daemon. Ignored, the
+/// write fails with EFBIG instead: the store reports it, submissions get
+/// `unavailable`, and the daemon goes on (and recovers when space returns).
+fn ignore_file_size_signal() {
+    // SAFETY: setting a signal to SIG_IGN installs no handler code and
+    // touches no memory; it is done before any thread of ours starts.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }
 
@@ -148,6 +164,7 @@ fn build_runtime(
 /// command-line layer `cfg` was loaded with (a reload applies it again);
 /// `service` is what systemd handed the process (see `systemd`).
 pub fn run(cfg: Config, over: Overrides, service: ServiceEnv) -> Result<(), DaemonError> {
+    ignore_file_size_signal();
     for note in &service.notes {
         tracing::warn!("{note}");
     }
@@ -184,6 +201,17 @@ pub fn run(cfg: Config, over: Overrides, service: ServiceEnv) -> Result<(), Daem
         _ => None,
     };
     server::raise_fd_limit();
+    // Validated with the config; bound before the runtime starts so that a
+    // busy port stops start-up at once.
+    let metrics = match cfg.metrics.endpoint() {
+        Ok(Some(listen)) => Some(crate::metrics::Endpoint::bind(&listen)?),
+        Ok(None) => None,
+        Err(e) => {
+            return Err(DaemonError::Metrics(crate::metrics::MetricsError::Config(
+                e.to_string(),
+            )));
+        }
+    };
     let note = StatusNote::default();
     if let Some(w) = service.watchdog {
         tracing::info!(
@@ -215,6 +243,9 @@ pub fn run(cfg: Config, over: Overrides, service: ServiceEnv) -> Result<(), Daem
     };
     let handle = runtime.handle();
     let served = actix_rt::System::new().block_on(async {
+        if let Some(m) = metrics {
+            actix_rt::spawn(m.serve(handle.clone()));
+        }
         let reloader = Reloader::new(
             cfg,
             over,

@@ -4,10 +4,12 @@
 //! the built-in job kinds. The binaries are thin `main`s over this.
 //!
 //! Where things are: `config` (layered configuration), `logging`,
-//! `protocol` (request parsing, response lines), `ops` (running requests
+//! `protocol` (request parsing, response lines), `metrics` (Prometheus
+//! text and the optional HTTP endpoint), `ops` (running requests
 //! against the runtime), `session` (one actor per connection), `server`
 //! (socket, accept loop, shutdown), `auth` (allow-lists), `client` (the
-//! blocking client `jobctl` uses), `kinds` (job kinds), `daemon` (start-up:
+//! blocking client `jobctl` uses), `progress` and `top` (`jobctl`'s
+//! progress bars and dashboard), `kinds` (job kinds), `daemon` (start-up:
 //! config to running server), `systemd` (sd_notify, watchdog, socket
 //! activation), `reload` (SIGHUP: apply a new configuration live).
 
@@ -17,10 +19,13 @@ pub mod config;
 pub mod daemon;
 pub mod kinds;
 pub mod logging;
+pub mod metrics;
 pub mod ops;
 pub mod paths;
+pub mod progress;
 pub mod protocol;
 pub mod reload;
 pub mod server;
 pub mod session;
 pub mod systemd;
+pub mod top;

@@ -141,6 +141,8 @@ pub enum Request {
     List(ListQuery),
     /// Counters, gauges, latencies.
     Stats,
+    /// The same as Prometheus text.
+    Metrics,
     /// Stop starting jobs of a pool.
     Pause(String),
     /// Start them again.
@@ -160,6 +162,7 @@ impl Request {
             Request::Retry(_) => "retry",
             Request::List(_) => "list",
             Request::Stats => "stats",
+            Request::Metrics => "metrics",
             Request::Pause(_) => "pause",
             Request::Resume(_) => "resume",
         }
@@ -329,6 +332,10 @@ fn parse_op(op: &str, obj: Map<String, Value>) -> Result<Request, ErrorInfo> {
         "stats" => {
             fields::<NoArgs>(op, obj)?;
             Request::Stats
+        }
+        "metrics" => {
+            fields::<NoArgs>(op, obj)?;
+            Request::Metrics
         }
         "submit" => {
             let a: SubmitArgs = fields(op, obj)?;

@@ -548,12 +548,21 @@ fn pipelined_answers_may_come_out_of_order() {
 }
 
 #[test]
-fn metrics_is_not_served_yet() {
+fn metrics_answers_prometheus_text() {
+    // Its content is tested in observe_metrics.rs.
     let d = Daemon::start();
     let mut c = d.client();
+    let r = rq(&mut c, json!({"op": "metrics"}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(
+        r["text"]
+            .as_str()
+            .unwrap()
+            .contains("# TYPE jobd_queue_depth gauge")
+    );
     assert_eq!(
-        rq(&mut c, json!({"op": "metrics"}))["error"]["code"],
-        "unknown_op"
+        rq(&mut c, json!({"op": "metrics", "format": "json"}))["error"]["code"],
+        "bad_request"
     );
 }
 

@@ -3,9 +3,9 @@
 //! Dispatcher (`AttemptShared`): who decided the attempt's outcome, and the
 //! waiter that the worker may answer directly.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering, fence};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::job::JobId;
 use crate::reply::DirectReply;
@@ -41,10 +41,16 @@ pub(crate) struct AttemptShared {
     /// True when no retry follows a failure: the worker may then answer the
     /// direct waiter with the failure too.
     pub(crate) last_attempt: bool,
-    /// When the attempt's timeout fires, if it has one.
-    pub(crate) deadline: Option<Instant>,
+    /// The job's per-attempt timeout, counted from `started`.
+    timeout: Option<Duration>,
+    /// When a worker started the attempt. Set by the worker: an attempt
+    /// may wait in its pool's handoff slot before it starts.
+    started: OnceLock<Instant>,
     /// One of RUNNING, FINISHED, CANCELLED, TIMED_OUT, ABANDONED.
     status: AtomicU8,
+    /// Someone (a waiter, a dependent job) waits for this attempt's report:
+    /// the worker must wake the Dispatcher when it files it.
+    notify: AtomicBool,
     /// A caller blocked on this job's outcome (`Handle::call`), answered by
     /// whichever side claims the outcome.
     pub(crate) direct: Mutex<Option<DirectReply>>,
@@ -55,17 +61,53 @@ impl AttemptShared {
         id: JobId,
         attempt: u32,
         last_attempt: bool,
-        deadline: Option<Instant>,
+        timeout: Option<Duration>,
         direct: Option<DirectReply>,
     ) -> Self {
         AttemptShared {
             id,
             attempt,
             last_attempt,
-            deadline,
+            timeout,
+            started: OnceLock::new(),
             status: AtomicU8::new(RUNNING),
+            notify: AtomicBool::new(false),
             direct: Mutex::new(direct),
         }
+    }
+
+    /// Mark the attempt started (once; later calls keep the first time) and
+    /// return when it started.
+    pub(crate) fn start(&self) -> Instant {
+        *self.started.get_or_init(Instant::now)
+    }
+
+    /// When the attempt started, if a worker started it.
+    pub(crate) fn started(&self) -> Option<Instant> {
+        self.started.get().copied()
+    }
+
+    /// True when the job has a timeout (the Dispatcher keeps its timer).
+    pub(crate) fn has_timeout(&self) -> bool {
+        self.timeout.is_some()
+    }
+
+    /// Ask the worker to wake the Dispatcher with this attempt's report
+    /// (the Dispatcher; it must read the inbox once more afterwards, as the
+    /// report may already be in it).
+    pub(crate) fn request_notify(&self) {
+        self.notify.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
+    /// True once `request_notify` was called.
+    pub(crate) fn must_notify(&self) -> bool {
+        self.notify.load(Ordering::SeqCst)
+    }
+
+    /// When the attempt times out: its start plus the job's timeout.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        Some(self.started()? + self.timeout?)
     }
 
     /// The worker's claim: true if the handler's outcome stands. Never
@@ -73,7 +115,7 @@ impl AttemptShared {
     /// returned (typically the error of a handler that stopped because
     /// `is_cancelled()` turned true), and the Dispatcher records it so.
     pub(crate) fn claim_finished(&self) -> bool {
-        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+        if self.deadline().is_some_and(|d| Instant::now() >= d) {
             return false;
         }
         self.status
@@ -138,12 +180,12 @@ impl JobContext<'_> {
 
     /// When this attempt times out, if it has a timeout.
     pub fn deadline(&self) -> Option<Instant> {
-        self.shared.deadline
+        self.shared.deadline()
     }
 
     /// True once the job was cancelled, timed out, or abandoned by a
     /// shutdown: the result will be thrown away, so stop as soon as you can.
     pub fn is_cancelled(&self) -> bool {
-        self.shared.interrupted() || self.shared.deadline.is_some_and(|d| Instant::now() >= d)
+        self.shared.interrupted() || self.shared.deadline().is_some_and(|d| Instant::now() >= d)
     }
 }

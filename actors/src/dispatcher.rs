@@ -1,13 +1,17 @@
 //! The Dispatcher actor: the single owner of all job state. It admits jobs
 //! (limits, unique keys, dependencies), keeps per-pool priority queues and
 //! delay timers, hands a job to a pool only when one of its workers is idle
-//! (credit-based dispatch), enforces timeouts, schedules retries, answers
-//! waiters, keeps stats and finished records, and runs the shutdown drain.
+//! (credit-based dispatch; while none is, it offers the best queued jobs in
+//! the pool's handoff slot, see `pool`), enforces timeouts, schedules
+//! retries, answers waiters, keeps stats and finished records, and runs the
+//! shutdown drain. Workers' reports come through an inbox it reads first
+//! thing on every message and timer (`drain`).
 //!
 //! Nothing here blocks: the actor lives on the System arbiter.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,10 +21,13 @@ use serde_json::Value;
 use crate::context::{AttemptShared, Interrupt};
 use crate::error::JobError;
 use crate::job::{Attempt, ErrorInfo, JobId, JobRecord, JobSpec, JobState, now_ms};
-use crate::pool::{Failure, PANIC_PREFIX, PoolConfig, RunJob, ThreadCount, Worker, start_pool};
+use crate::pool::{
+    Failure, OFFER_DEPTH, PANIC_PREFIX, PoolConfig, PoolLink, RunJob, ThreadCount, Worker,
+    start_pool,
+};
 use crate::registry::Registry;
 use crate::reply::{DirectReply, Outcome, Reply};
-use crate::stats::{KindStats, KindTotals, PoolStats, StatsSnapshot, StoreStats};
+use crate::stats::{KindTotals, PairTotals, PoolStats, StatsSnapshot, StoreStats, pool_breakdown};
 use crate::store::{Change, Commit, Recovered, StoreActor, StoreError, StoreRead};
 
 /// How long finished jobs are kept for `status`/`wait`, and how many.
@@ -98,15 +105,8 @@ pub(crate) struct PoolState {
     pub(crate) cfg: PoolConfig,
     /// The SyncArbiter's address; set once the pool is started.
     pub(crate) addr: Option<Addr<Worker>>,
-    /// Workers free for a job: the pool's credit. Counts workers of the
-    /// current SyncArbiter (`generation`) only.
+    /// Workers free for a job: the pool's credit.
     idle: usize,
-    /// Which SyncArbiter is current: bumped by every resize.
-    generation: u64,
-    /// Jobs still running on workers of earlier generations. Those workers
-    /// get no new job; each report from one lowers this, and its thread
-    /// exits once the old SyncArbiter's queue is empty.
-    retiring: usize,
     /// Ready jobs, highest priority first, FIFO within a priority. May hold
     /// stale entries (cancelled jobs); `seq` tells them apart.
     queue: BinaryHeap<QueueEntry>,
@@ -120,14 +120,24 @@ pub(crate) struct PoolState {
     paused: bool,
     /// Event counters.
     counters: crate::stats::Counters,
+    /// The handoff slot and report inbox shared with the pool's workers.
+    pub(crate) link: Arc<PoolLink>,
+    /// The queued jobs offered in the handoff slot (id, priority), in the
+    /// order offered, as far as we know: workers may have taken some.
+    offered: Vec<(JobId, i32)>,
+    /// What we last told the workers through `PoolLink::set_starving`.
+    starving: bool,
+    /// Links of the pool's earlier sizes (see `resize`), each with how many
+    /// of its workers still run a job. Those workers take no new job (their
+    /// handoff slot stays empty) and exit after the one they have; a link
+    /// is dropped once none of its workers is busy.
+    retired: Vec<(Arc<PoolLink>, usize)>,
 }
 
 impl PoolState {
     pub(crate) fn new(cfg: PoolConfig) -> Self {
         PoolState {
             idle: cfg.threads,
-            generation: 0,
-            retiring: 0,
             cfg,
             addr: None,
             queue: BinaryHeap::new(),
@@ -136,7 +146,16 @@ impl PoolState {
             running: 0,
             paused: false,
             counters: Default::default(),
+            link: Arc::default(),
+            offered: Vec::new(),
+            starving: false,
+            retired: Vec::new(),
         }
+    }
+
+    /// Workers of earlier sizes still running a job.
+    fn retiring(&self) -> usize {
+        self.retired.iter().map(|(_, busy)| busy).sum()
     }
 }
 
@@ -164,6 +183,66 @@ impl PartialOrd for QueueEntry {
 
 type RecordWaiter = Reply<Result<JobRecord, JobError>>;
 
+/// A map keyed by job id. Ids come from a counter, never from a client, so
+/// a multiplication hashes them well enough; SipHash cost more than the
+/// rest of a map lookup on the hot path.
+type IdMap<V> = HashMap<JobId, V, BuildHasherDefault<FastHasher>>;
+
+/// Per-kind totals, keyed by registered kind names (admission rejects any
+/// other name before a lookup here), so the same cheap hash is safe.
+type KindMap = HashMap<String, KindTotals, BuildHasherDefault<FastHasher>>;
+
+/// Fibonacci hashing: fold each word in, multiply by 2^64 / golden ratio.
+/// High and low bits both change with every input, as hashbrown needs.
+/// Not for keys an attacker chooses.
+#[derive(Default)]
+struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(w);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            let mut b = [0u8; 8];
+            b[..rest.len()].copy_from_slice(rest);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// One `wait` caller of a job that is not final yet.
+struct Waiter {
+    /// Names the wait so that its expiry finds it (0: it never expires).
+    token: u64,
+    /// Answered with the final record (or why there is none).
+    reply: RecordWaiter,
+    /// The expiry timer, cancelled when the job ends first.
+    timer: Option<SpawnHandle>,
+}
+
+impl Waiter {
+    /// Answer the waiter and stop its expiry timer.
+    fn send(self, r: Result<JobRecord, JobError>, ctx: &mut Context<Dispatcher>) {
+        if let Some(t) = self.timer {
+            ctx.cancel_future(t);
+        }
+        self.reply.send(r);
+    }
+}
+
 /// A job that is not final yet.
 struct Active {
     rec: JobRecord,
@@ -181,7 +260,7 @@ struct Active {
     /// attempt while it runs).
     direct: Option<DirectReply>,
     /// `wait` callers.
-    waiters: Vec<RecordWaiter>,
+    waiters: Vec<Waiter>,
     /// Dependencies not yet succeeded.
     deps_left: usize,
     /// Admitted but not yet committed to the store: it may not run yet.
@@ -198,7 +277,7 @@ pub(crate) struct StoreLink {
     /// job → index of its `Put` in `pending`: a newer record of the same job
     /// replaces the older one, so a job that is submitted, started and
     /// finished within one batch is written once.
-    slot: HashMap<JobId, usize>,
+    slot: IdMap<usize>,
     /// Admissions waiting for `pending` to commit.
     admissions: Vec<Admission>,
     /// The batch in flight: its number, and the admissions it carries.
@@ -220,7 +299,7 @@ impl StoreLink {
         StoreLink {
             addr,
             pending: Vec::new(),
-            slot: HashMap::new(),
+            slot: IdMap::default(),
             admissions: Vec::new(),
             in_flight: None,
             seq: 0,
@@ -256,20 +335,20 @@ pub struct Dispatcher {
     pools: Vec<PoolState>,
     pool_names: HashMap<String, usize>,
     /// Jobs that are not final.
-    active: HashMap<JobId, Active>,
+    active: IdMap<Active>,
     /// Finished jobs kept for `status`, `wait` and `list`.
-    finished: HashMap<JobId, JobRecord>,
+    finished: IdMap<JobRecord>,
     /// Finished ids in finishing order, for pruning.
     finished_order: VecDeque<(u64, JobId)>,
     retention: Retention,
     /// (kind, unique_key) → the active job holding the key.
     unique: HashMap<(String, String), JobId>,
     /// job → jobs waiting for it to succeed.
-    dependents: HashMap<JobId, Vec<JobId>>,
+    dependents: IdMap<Vec<JobId>>,
     /// Queue sequence numbers, for FIFO within a priority.
     seq: u64,
     /// Per-kind totals.
-    kinds: HashMap<String, KindTotals>,
+    kinds: KindMap,
     /// Set once shutdown started.
     closing: Option<Closing>,
     heartbeat: Option<(Duration, HeartbeatFn)>,
@@ -277,6 +356,11 @@ pub struct Dispatcher {
     store: Option<StoreLink>,
     /// What the store held at start, restored when the actor starts.
     recovered: Option<Recovered>,
+    /// A `Wake` to ourselves is queued: the report inboxes must be read
+    /// once more after a flag the workers read was raised.
+    recheck_queued: bool,
+    /// Last token given to a waiter with an expiry.
+    wait_tokens: u64,
     /// Live worker threads, for the pools a resize starts.
     threads: ThreadCount,
 }
@@ -309,24 +393,31 @@ impl Dispatcher {
             registry,
             pools,
             pool_names,
-            active: HashMap::new(),
-            finished: HashMap::new(),
+            active: IdMap::default(),
+            finished: IdMap::default(),
             finished_order: VecDeque::new(),
             retention,
             unique: HashMap::new(),
-            dependents: HashMap::new(),
+            dependents: IdMap::default(),
             seq: 0,
             kinds,
             closing: None,
             heartbeat,
             store: None,
             recovered: None,
+            recheck_queued: false,
+            wait_tokens: 0,
             threads,
         }
     }
 
     /// Persist through this store, resuming from what it held.
     pub(crate) fn set_store(&mut self, link: StoreLink, recovered: Recovered) {
+        // Finished jobs should reach the store soon, not at the next
+        // message: every report wakes the Dispatcher.
+        for p in &self.pools {
+            p.link.set_eager();
+        }
         self.store = Some(link);
         self.recovered = Some(recovered);
     }
@@ -339,10 +430,9 @@ impl Dispatcher {
         }
     }
 
-    fn kind_totals(&mut self, kind: &str) -> &mut KindTotals {
-        self.kinds
-            .entry(kind.to_string())
-            .or_insert_with(KindTotals::new)
+    /// The totals of `kind` in `pool`.
+    fn kind_totals(&mut self, kind: &str, pool: usize) -> &mut PairTotals {
+        kind_totals(&mut self.kinds, kind).pool(pool)
     }
 
     fn record(&self, id: JobId) -> Option<&JobRecord> {
@@ -464,13 +554,22 @@ impl Dispatcher {
         if let Some(key) = &job.rec.unique_key {
             self.unique.insert((job.rec.kind.clone(), key.clone()), id);
         }
+        let mut notified = false;
         for dep in &job.rec.after {
-            if self.active.contains_key(dep) {
+            if let Some(d) = self.active.get(dep) {
                 self.dependents.entry(*dep).or_default().push(id);
+                // A started dependency must report at once when it ends.
+                if let Some(s) = &d.attempt {
+                    s.request_notify();
+                    notified = true;
+                }
             }
         }
+        if notified {
+            self.recheck(ctx);
+        }
         self.pools[pool].counters.submitted += 1;
-        self.kind_totals(&job.rec.kind).counters.submitted += 1;
+        self.kind_totals(&job.rec.kind, pool).counters.submitted += 1;
         // With a store, the job waits for its commit before it may run.
         job.held = self.store.is_some();
         let held = job.held;
@@ -502,7 +601,10 @@ impl Dispatcher {
 
     fn ready_timer(&mut self, id: JobId, run_at: u64, ctx: &mut Context<Self>) -> SpawnHandle {
         let wait = Duration::from_millis(run_at.saturating_sub(now_ms()));
-        ctx.run_later(wait, move |act, ctx| act.make_ready(id, ctx))
+        ctx.run_later(wait, move |act, ctx| {
+            act.drain(ctx);
+            act.make_ready(id, ctx)
+        })
     }
 
     /// A delayed job's time came, or its last dependency succeeded.
@@ -546,78 +648,230 @@ impl Dispatcher {
         });
     }
 
-    /// Hand queued jobs to the pool while it has idle workers. Nothing new
+    /// Hand queued jobs to the pool while it has idle workers; while it has
+    /// none, offer the best queued ones in its handoff slot, where a worker
+    /// that finishes takes the next without waiting for us. Nothing new
     /// starts once a shutdown began: those jobs' waiters were already told.
     fn pump(&mut self, pool: usize, ctx: &mut Context<Self>) {
+        self.pump_jobs(pool, ctx);
+        self.update_starving(pool, ctx);
+    }
+
+    fn pump_jobs(&mut self, pool: usize, ctx: &mut Context<Self>) {
         if self.closing.is_some() {
             return;
         }
-        loop {
-            let p = &mut self.pools[pool];
-            if p.idle == 0 || p.paused {
-                return;
+        let p = &self.pools[pool];
+        if let Some(&(_, worst)) = p.offered.last() {
+            // Offers must stay the best queued jobs, and an idle worker gets
+            // its job the ordinary way.
+            let outranked = p.queue.peek().is_some_and(|top| top.priority > worst);
+            if p.idle > 0 || p.paused || outranked {
+                self.revoke_offers(pool, ctx);
             }
-            let Some(entry) = p.queue.pop() else {
-                return;
-            };
-            let Some(job) = self.active.get_mut(&entry.id) else {
-                continue;
-            };
-            if job.rec.state != JobState::Queued || job.seq != entry.seq {
-                continue;
-            }
-            p.queued -= 1;
-            p.idle -= 1;
-            p.running += 1;
-            p.counters.started += 1;
-            let Some(addr) = p.addr.clone() else {
-                // Invariant: pools get their address before any job.
-                return;
-            };
-            let id = entry.id;
-            job.rec.state = JobState::Running;
-            job.rec.attempt += 1;
-            let now = now_ms();
-            job.rec.started_at = Some(now);
-            job.rec.attempts.push(Attempt {
-                start: now,
-                end: None,
-                error: None,
-            });
-            let attempt = job.rec.attempt;
-            let timeout = job.rec.timeout_ms.map(Duration::from_millis);
-            let shared = Arc::new(AttemptShared::new(
-                id,
-                attempt,
-                attempt >= job.rec.max_attempts,
-                timeout.map(|t| Instant::now() + t),
-                job.direct.take(),
-            ));
-            job.attempt = Some(shared.clone());
-            if let Some(t) = timeout {
-                job.timer =
-                    Some(ctx.run_later(t, move |act, ctx| act.on_timeout(id, attempt, ctx)));
-            }
-            let queue_wait = job.ready_at.elapsed();
-            let Some(kind) = self.registry.kinds.get(&job.rec.kind) else {
-                // Invariant: admission checked the kind exists.
-                return;
-            };
-            let handler = kind.handler.clone();
-            let payload = job.rec.payload.clone();
-            let totals = self
-                .kinds
-                .entry(job.rec.kind.clone())
-                .or_insert_with(KindTotals::new);
-            totals.counters.started += 1;
-            totals.queue_wait.record(queue_wait);
-            addr.do_send(RunJob {
-                shared,
-                handler,
-                payload,
-            });
-            self.persist(id, ctx);
         }
+        loop {
+            let p = &self.pools[pool];
+            if p.idle == 0 || p.paused {
+                break;
+            }
+            let Some(id) = self.pop_ready(pool) else {
+                return;
+            };
+            let Some(run) = self.prepare(id) else {
+                continue;
+            };
+            self.pools[pool].idle -= 1;
+            let started = run.shared.start();
+            self.mark_started(id, started, ctx);
+            // Invariant: pools get their address before any job.
+            if let Some(addr) = &self.pools[pool].addr {
+                addr.do_send(run);
+            }
+        }
+        while self.pools[pool].offered.len() < OFFER_DEPTH && !self.pools[pool].paused {
+            let Some(id) = self.pop_ready(pool) else {
+                return;
+            };
+            let Some(run) = self.prepare(id) else {
+                continue;
+            };
+            let priority = self.active.get(&id).map_or(0, |j| j.rec.priority);
+            let p = &mut self.pools[pool];
+            p.offered.push((id, priority));
+            p.link.offer(run);
+        }
+    }
+
+    /// Tell the pool's workers whether jobs wait for one of them.
+    fn update_starving(&mut self, pool: usize, ctx: &mut Context<Self>) {
+        let p = &mut self.pools[pool];
+        let starving = p.queued > p.offered.len() && !p.paused && self.closing.is_none();
+        if starving != p.starving {
+            p.starving = starving;
+            p.link.set_starving(starving);
+            if starving {
+                self.recheck(ctx);
+            }
+        }
+    }
+
+    /// Read the report inboxes once more soon, after raising a flag that
+    /// workers read after filing a report: a worker that read it before it
+    /// was raised did not wake us, but its report is in the inbox by now.
+    fn recheck(&mut self, ctx: &mut Context<Self>) {
+        if !self.recheck_queued {
+            self.recheck_queued = true;
+            ctx.notify(Wake);
+        }
+    }
+
+    /// Handle every report the workers filed. Called first thing on every
+    /// message and timer, so nothing is answered from stale state.
+    fn drain(&mut self, ctx: &mut Context<Self>) {
+        for i in 0..self.pools.len() {
+            while let Some(report) = self.pools[i].link.next_report() {
+                self.on_report(report, ctx);
+            }
+            let mut k = 0;
+            while k < self.pools[i].retired.len() {
+                while let Some(report) = self.pools[i].retired[k].0.next_report() {
+                    self.on_retired_report(i, k, report, ctx);
+                }
+                if self.pools[i].retired[k].1 == 0 {
+                    self.pools[i].retired.swap_remove(k);
+                } else {
+                    k += 1;
+                }
+            }
+        }
+    }
+
+    /// The best queued job of a pool, off its heap (stale entries skipped).
+    fn pop_ready(&mut self, pool: usize) -> Option<JobId> {
+        let p = &mut self.pools[pool];
+        while let Some(entry) = p.queue.pop() {
+            if self
+                .active
+                .get(&entry.id)
+                .is_some_and(|j| j.rec.state == JobState::Queued && j.seq == entry.seq)
+            {
+                return Some(entry.id);
+            }
+        }
+        None
+    }
+
+    /// The next attempt of a queued job, ready for a worker. The job stays
+    /// queued until `mark_started`.
+    fn prepare(&mut self, id: JobId) -> Option<RunJob> {
+        let job = self.active.get_mut(&id)?;
+        // Invariant: admission checked the kind exists.
+        let kind = self.registry.kinds.get(&job.rec.kind)?;
+        let attempt = job.rec.attempt + 1;
+        let shared = Arc::new(AttemptShared::new(
+            id,
+            attempt,
+            attempt >= job.rec.max_attempts,
+            job.rec.timeout_ms.map(Duration::from_millis),
+            job.direct.take(),
+        ));
+        if !job.waiters.is_empty() || self.dependents.contains_key(&id) {
+            shared.request_notify();
+        }
+        job.attempt = Some(shared.clone());
+        Some(RunJob {
+            shared,
+            handler: kind.handler.clone(),
+            payload: job.rec.payload.clone(),
+        })
+    }
+
+    /// A worker started the prepared attempt of a queued job at `started`:
+    /// the job is running. The caller settles the pool's idle count.
+    fn mark_started(&mut self, id: JobId, started: Instant, ctx: &mut Context<Self>) {
+        let Some(job) = self.active.get_mut(&id) else {
+            return;
+        };
+        let p = &mut self.pools[job.pool];
+        p.queued -= 1;
+        p.running += 1;
+        p.counters.started += 1;
+        job.rec.state = JobState::Running;
+        job.rec.attempt += 1;
+        let ago = started.elapsed();
+        let start_ms = now_ms().saturating_sub(ago.as_millis() as u64);
+        job.rec.started_at = Some(start_ms);
+        job.rec.attempts.push(Attempt {
+            start: start_ms,
+            end: None,
+            error: None,
+        });
+        let attempt = job.rec.attempt;
+        if let Some(t) = job.rec.timeout_ms.map(Duration::from_millis) {
+            job.timer = Some(ctx.run_later(t.saturating_sub(ago), move |act, ctx| {
+                act.drain(ctx);
+                act.on_timeout(id, attempt, ctx)
+            }));
+        }
+        let queue_wait = started.saturating_duration_since(job.ready_at);
+        let totals = kind_totals(&mut self.kinds, &job.rec.kind).pool(job.pool);
+        totals.counters.started += 1;
+        totals.queue_wait.record(queue_wait);
+        self.persist(id, ctx);
+    }
+
+    /// Take back the jobs offered in a pool's handoff slot: they go back to
+    /// the queue at their old places. Those a worker took first are running
+    /// (the workers' reports will say so).
+    fn revoke_offers(&mut self, pool: usize, ctx: &mut Context<Self>) {
+        let p = &mut self.pools[pool];
+        if p.offered.is_empty() {
+            return;
+        }
+        let offered = std::mem::take(&mut p.offered);
+        let back = p.link.revoke();
+        let mut returned = Vec::with_capacity(back.len());
+        for run in back {
+            let id = run.shared.id;
+            returned.push(id);
+            let Some(job) = self.active.get_mut(&id) else {
+                continue;
+            };
+            job.attempt = None;
+            job.direct = run.shared.take_direct();
+            p.queue.push(QueueEntry {
+                priority: job.rec.priority,
+                seq: job.seq,
+                id,
+            });
+        }
+        for (id, _) in offered {
+            if !returned.contains(&id) {
+                let started = self
+                    .active
+                    .get(&id)
+                    .and_then(|j| j.attempt.as_ref())
+                    .map_or_else(Instant::now, |s| s.start());
+                self.mark_started(id, started, ctx);
+            }
+        }
+    }
+
+    /// A worker's report says it took an offered job: it stays busy.
+    fn offer_taken(&mut self, pool: usize, took: (JobId, u32), ctx: &mut Context<Self>) {
+        let p = &mut self.pools[pool];
+        p.idle -= 1;
+        if let Some(i) = p.offered.iter().position(|o| o.0 == took.0) {
+            p.offered.remove(i);
+            let started = self
+                .active
+                .get(&took.0)
+                .and_then(|j| j.attempt.as_ref())
+                .map_or_else(Instant::now, |s| s.start());
+            self.mark_started(took.0, started, ctx);
+        }
+        // Otherwise a revoke found it taken already and marked it started.
     }
 
     // ----- endings ---------------------------------------------------------
@@ -661,7 +915,7 @@ impl Dispatcher {
             let kind = job.rec.kind.clone();
             self.pools[pool].delayed += 1;
             self.pools[pool].counters.retried += 1;
-            self.kind_totals(&kind).counters.retried += 1;
+            self.kind_totals(&kind, pool).counters.retried += 1;
             let timer = self.ready_timer(id, run_at, ctx);
             if let Some(job) = self.active.get_mut(&id) {
                 job.timer = Some(timer);
@@ -691,8 +945,10 @@ impl Dispatcher {
         result: Option<Value>,
         ctx: &mut Context<Self>,
     ) {
-        let mut cascade = vec![(id, state, result)];
-        while let Some((id, state, result)) = cascade.pop() {
+        // Jobs cancelled because a dependency failed; allocated only then.
+        let mut cascade = Vec::new();
+        let mut next = Some((id, state, result));
+        while let Some((id, state, result)) = next.take().or_else(|| cascade.pop()) {
             let Some(mut job) = self.active.remove(&id) else {
                 continue;
             };
@@ -711,11 +967,9 @@ impl Dispatcher {
             }
             let pool = &mut self.pools[job.pool];
             let c = &mut pool.counters;
-            let totals = self
-                .kinds
-                .entry(job.rec.kind.clone())
-                .or_insert_with(KindTotals::new);
-            let k = &mut totals.counters;
+            let k = &mut kind_totals(&mut self.kinds, &job.rec.kind)
+                .pool(job.pool)
+                .counters;
             match state {
                 JobState::Succeeded => {
                     c.succeeded += 1;
@@ -746,7 +1000,7 @@ impl Dispatcher {
                 d.send(outcome_of(&job.rec));
             }
             for w in job.waiters.drain(..) {
-                w.send(Ok(job.rec.clone()));
+                w.send(Ok(job.rec.clone()), ctx);
             }
             for dep in self.dependents.remove(&id).unwrap_or_default() {
                 let Some(d) = self.active.get_mut(&dep) else {
@@ -820,7 +1074,10 @@ impl Dispatcher {
         let Some(job) = self.active.get_mut(&msg.id) else {
             return;
         };
-        let kind = job.rec.kind.clone();
+        kind_totals(&mut self.kinds, &job.rec.kind)
+            .pool(job.pool)
+            .run_time
+            .record(msg.run_time);
         match msg.outcome {
             Ok(v) => {
                 job.attempt = None;
@@ -828,13 +1085,9 @@ impl Dispatcher {
                     a.end = Some(now_ms());
                 }
                 self.pools[job.pool].running -= 1;
-                self.kind_totals(&kind).run_time.record(msg.run_time);
                 self.finish(msg.id, JobState::Succeeded, Some(v), ctx);
             }
-            Err(f) => {
-                self.kind_totals(&kind).run_time.record(msg.run_time);
-                self.attempt_failed(msg.id, f.message(), JobState::Failed, "job_failed", ctx)
-            }
+            Err(f) => self.attempt_failed(msg.id, f.message(), JobState::Failed, "job_failed", ctx),
         }
     }
 
@@ -855,9 +1108,12 @@ impl Dispatcher {
             return;
         }
         let ms = job.rec.timeout_ms.unwrap_or(0);
-        let (pool, kind) = (job.pool, job.rec.kind.clone());
+        let pool = job.pool;
+        kind_totals(&mut self.kinds, &job.rec.kind)
+            .pool(pool)
+            .counters
+            .timed_out += 1;
         self.pools[pool].counters.timed_out += 1;
-        self.kind_totals(&kind).counters.timed_out += 1;
         self.attempt_failed(
             id,
             format!("timed out after {ms} ms"),
@@ -868,6 +1124,29 @@ impl Dispatcher {
     }
 
     fn cancel(
+        &mut self,
+        id: JobId,
+        reason: &str,
+        ctx: &mut Context<Self>,
+    ) -> Result<JobRecord, JobError> {
+        // A job offered in its pool's handoff slot is taken back first; if
+        // a worker took it already, it is cancelled as a running job. The
+        // other offers went back to the queue: offer them again.
+        let mut revoked = None;
+        if let Some(pool) = self.active.get(&id).map(|j| j.pool)
+            && self.pools[pool].offered.iter().any(|o| o.0 == id)
+        {
+            self.revoke_offers(pool, ctx);
+            revoked = Some(pool);
+        }
+        let result = self.cancel_job(id, reason, ctx);
+        if let Some(pool) = revoked {
+            self.pump(pool, ctx);
+        }
+        result
+    }
+
+    fn cancel_job(
         &mut self,
         id: JobId,
         reason: &str,
@@ -1012,20 +1291,25 @@ impl Dispatcher {
         let pools = self
             .pools
             .iter()
-            .map(|p| {
+            .enumerate()
+            .map(|(i, p)| {
+                let (kinds, queue_wait_ms, run_time_ms) = pool_breakdown(i, self.kinds.iter());
                 (
                     p.cfg.name.clone(),
                     PoolStats {
                         threads: p.cfg.threads,
                         busy: p.cfg.threads - p.idle,
                         idle: p.idle,
-                        retiring: p.retiring,
+                        retiring: p.retiring(),
                         queued: p.queued,
                         delayed: p.delayed,
                         running: p.running,
                         max_queued: p.cfg.max_queued,
                         paused: p.paused,
                         counters: p.counters,
+                        queue_wait_ms,
+                        run_time_ms,
+                        kinds,
                     },
                 )
             })
@@ -1033,16 +1317,7 @@ impl Dispatcher {
         let kinds = self
             .kinds
             .iter()
-            .map(|(k, t)| {
-                (
-                    k.clone(),
-                    KindStats {
-                        counters: t.counters,
-                        queue_wait_ms: t.queue_wait.percentiles(),
-                        run_time_ms: t.run_time.percentiles(),
-                    },
-                )
-            })
+            .map(|(k, t)| (k.clone(), t.stats()))
             .collect();
         StatsSnapshot {
             pools,
@@ -1061,10 +1336,13 @@ impl Dispatcher {
     // ----- live pool changes ------------------------------------------------
 
     /// Change a pool's admission limit at once and, when `threads` differs,
-    /// its size: a new SyncArbiter of `threads` workers becomes the pool's
-    /// address; the old one gets no new job, its busy workers finish their
-    /// current job (reported as `retiring`) and its threads exit once its
-    /// address is dropped and its queue is empty. Queued jobs stay queued.
+    /// its size: a new SyncArbiter of `threads` workers with a new link
+    /// becomes the pool. The old link's offered jobs are taken back (those
+    /// a worker took first are running), so the old workers find nothing
+    /// more to take: each finishes the job it has (counted as `retiring`,
+    /// its report read from the retired link) and its thread exits once
+    /// the old address is dropped and its queue is empty. Queued jobs stay
+    /// queued and go to the new workers.
     fn resize(
         &mut self,
         name: &str,
@@ -1080,24 +1358,35 @@ impl Dispatcher {
             .pool_names
             .get(name)
             .ok_or_else(|| JobError::UnknownPool(name.to_string()))?;
-        let me = ctx.address();
-        let p = &mut self.pools[i];
-        if threads != p.cfg.threads {
+        if threads != self.pools[i].cfg.threads {
             let cfg = PoolConfig {
                 threads,
-                ..p.cfg.clone()
+                ..self.pools[i].cfg.clone()
             };
-            let generation = p.generation + 1;
-            let addr = start_pool(&cfg, i, generation, me, self.threads.clone())
+            let link: Arc<PoolLink> = Arc::default();
+            if self.store.is_some() {
+                link.set_eager();
+            }
+            let addr = start_pool(&cfg, i, ctx.address(), self.threads.clone(), link.clone())
                 .map_err(JobError::Internal)?;
-            p.retiring += p.cfg.threads - p.idle;
-            p.generation = generation;
+            self.revoke_offers(i, ctx);
+            let p = &mut self.pools[i];
+            let old = std::mem::replace(&mut p.link, link);
+            let busy = p.cfg.threads - p.idle;
+            if busy > 0 {
+                // Their reports must not wait for an unrelated message.
+                old.set_eager();
+                p.retired.push((old, busy));
+                self.recheck(ctx);
+            }
+            let p = &mut self.pools[i];
+            p.starving = false;
             p.idle = threads;
             p.cfg.threads = threads;
             // Dropping the old address retires the old SyncArbiter.
             p.addr = Some(addr);
         }
-        p.cfg.max_queued = max_queued;
+        self.pools[i].cfg.max_queued = max_queued;
         self.pump(i, ctx);
         Ok(())
     }
@@ -1116,11 +1405,20 @@ impl Dispatcher {
             )));
         }
         let i = self.pools.len();
-        let addr = start_pool(&cfg, i, 0, ctx.address(), self.threads.clone())
-            .map_err(JobError::Internal)?;
-        self.pool_names.insert(cfg.name.clone(), i);
         let mut state = PoolState::new(cfg);
+        if self.store.is_some() {
+            state.link.set_eager();
+        }
+        let addr = start_pool(
+            &state.cfg,
+            i,
+            ctx.address(),
+            self.threads.clone(),
+            state.link.clone(),
+        )
+        .map_err(JobError::Internal)?;
         state.addr = Some(addr);
+        self.pool_names.insert(state.cfg.name.clone(), i);
         self.pools.push(state);
         Ok(())
     }
@@ -1130,7 +1428,7 @@ impl Dispatcher {
     fn all_idle(&self) -> bool {
         self.pools
             .iter()
-            .all(|p| p.idle == p.cfg.threads && p.retiring == 0)
+            .all(|p| p.idle == p.cfg.threads && p.retiring() == 0)
     }
 
     /// The drain is over (all workers idle, or the deadline passed): answer
@@ -1151,7 +1449,7 @@ impl Dispatcher {
                 d.send(Err(JobError::ShuttingDown));
             }
             for w in job.waiters.drain(..) {
-                w.send(Err(JobError::ShuttingDown));
+                w.send(Err(JobError::ShuttingDown), ctx);
             }
         }
         if let Some(c) = &mut self.closing {
@@ -1234,6 +1532,19 @@ pub(crate) fn list_records<'a>(
     }
 }
 
+/// A kind's totals, created on first use. A lookup by `&str`: no `String`
+/// is built per job (every kind is registered at start, so the insert
+/// happens at most once per kind).
+fn kind_totals<'a>(kinds: &'a mut KindMap, kind: &str) -> &'a mut KindTotals {
+    if !kinds.contains_key(kind) {
+        kinds.insert(kind.to_string(), KindTotals::new());
+    }
+    // Invariant: present, inserted just above if it was missing.
+    kinds
+        .get_mut(kind)
+        .expect("kind totals exist once inserted")
+}
+
 /// What a `call` waiter gets for a final record.
 pub(crate) fn outcome_of(rec: &JobRecord) -> Outcome {
     let message = || {
@@ -1288,12 +1599,18 @@ impl Actor for Dispatcher {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // The Dispatcher's mailbox is unbounded for do_send; callers are
         // bounded by max_queued and by their own waiting.
-        ctx.run_interval(Duration::from_secs(1), |act, ctx| act.prune_expired(ctx));
+        // Reading the inboxes here too bounds how long a report filed
+        // without a wake-up (see `pool`) waits when nothing else happens.
+        ctx.run_interval(Duration::from_secs(1), |act, ctx| {
+            act.drain(ctx);
+            act.prune_expired(ctx)
+        });
         if let Some(recovered) = self.recovered.take() {
             self.restore(recovered, ctx);
         }
         if let Some((every, _)) = &self.heartbeat {
-            ctx.run_interval(*every, |act, _| {
+            ctx.run_interval(*every, |act, ctx| {
+                act.drain(ctx);
                 let waiting = act.pools.iter().map(|p| p.queued + p.delayed).sum();
                 let running = act.pools.iter().map(|p| p.running).sum();
                 if let Some((_, f)) = &mut act.heartbeat {
@@ -1306,37 +1623,70 @@ impl Actor for Dispatcher {
 
 // ----- messages ------------------------------------------------------------
 
-/// A worker finished an attempt (sent by the pool).
+/// A worker finished an attempt (filed in its pool's report inbox).
 pub(crate) struct AttemptDone {
     pub(crate) id: JobId,
     pub(crate) attempt: u32,
     pub(crate) pool: usize,
-    /// The reporting worker's SyncArbiter generation.
-    pub(crate) generation: u64,
     pub(crate) outcome: Result<Value, Failure>,
     /// False when the Dispatcher had already ended the attempt (timeout,
     /// cancel): then only the worker's credit comes back.
     pub(crate) claimed: bool,
     pub(crate) run_time: Duration,
+    /// The job (and attempt) the worker took from the handoff slot to run
+    /// next, if any: the worker stays busy.
+    pub(crate) took: Option<(JobId, u32)>,
 }
 
-impl Message for AttemptDone {
+/// A worker filed a report that someone waits for (see `pool`): read the
+/// report inboxes. Also sent to ourselves by `recheck`.
+pub(crate) struct Wake;
+
+impl Message for Wake {
     type Result = ();
 }
 
-impl Handler<AttemptDone> for Dispatcher {
+impl Handler<Wake> for Dispatcher {
     type Result = ();
 
-    fn handle(&mut self, msg: AttemptDone, ctx: &mut Context<Self>) {
+    fn handle(&mut self, _: Wake, ctx: &mut Context<Self>) {
+        self.recheck_queued = false;
+        self.drain(ctx);
+    }
+}
+
+impl Dispatcher {
+    /// A worker's report of a finished attempt, read from its pool's inbox.
+    fn on_report(&mut self, msg: AttemptDone, ctx: &mut Context<Self>) {
         let pool = msg.pool;
-        let p = &mut self.pools[pool];
-        if msg.generation == p.generation {
-            p.idle += 1;
-        } else {
-            // A worker of an earlier size: it gets no new job and its
-            // thread exits; no credit comes back.
-            p.retiring = p.retiring.saturating_sub(1);
+        self.pools[pool].idle += 1;
+        if let Some(took) = msg.took {
+            self.offer_taken(pool, took, ctx);
         }
+        self.settle(msg, ctx);
+    }
+
+    /// A report from a worker of an earlier size of `pool` (through the
+    /// retired link number `k`): no credit comes back, the worker's thread
+    /// exits, unless it took a job from its slot just before the resize
+    /// emptied it (that job was marked started then) and is busy with it.
+    fn on_retired_report(
+        &mut self,
+        pool: usize,
+        k: usize,
+        msg: AttemptDone,
+        ctx: &mut Context<Self>,
+    ) {
+        if msg.took.is_none() {
+            let busy = &mut self.pools[pool].retired[k].1;
+            *busy = busy.saturating_sub(1);
+        }
+        self.settle(msg, ctx);
+    }
+
+    /// What a report means for its job, then for the pool and a shutdown.
+    fn settle(&mut self, msg: AttemptDone, ctx: &mut Context<Self>) {
+        let pool = msg.pool;
         let current = self
             .active
             .get(&msg.id)
@@ -1365,6 +1715,9 @@ pub(crate) struct Submit {
     pub(crate) spec: JobSpec,
     pub(crate) ack: Option<Reply<Result<SubmitAck, JobError>>>,
     pub(crate) direct: Option<DirectReply>,
+    /// Answered with the final record of the job (of the existing job when
+    /// deduplicated): a submit that also waits, in one trip.
+    pub(crate) waiter: Option<RecordWaiter>,
 }
 
 impl Message for Submit {
@@ -1375,11 +1728,13 @@ impl Handler<Submit> for Dispatcher {
     type Result = ();
 
     fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
+        self.drain(ctx);
         let Submit {
             id,
             spec,
             ack,
             direct,
+            waiter,
         } = msg;
         if let Some(existing) = self.duplicate_of(&spec) {
             if let Some(d) = direct {
@@ -1388,7 +1743,12 @@ impl Handler<Submit> for Dispatcher {
                     Reply::with(move |r: Result<JobRecord, JobError>| {
                         d.send(r.and_then(|rec| outcome_of(&rec)))
                     }),
+                    None,
+                    ctx,
                 );
+            }
+            if let Some(w) = waiter {
+                self.add_waiter(existing, w, None, ctx);
             }
             if let Some(a) = ack {
                 let state = self.record(existing).map_or(JobState::Queued, |r| r.state);
@@ -1403,6 +1763,13 @@ impl Handler<Submit> for Dispatcher {
         match self.check(id, spec) {
             Ok((mut job, delayed)) => {
                 job.direct = direct;
+                if let Some(w) = waiter {
+                    job.waiters.push(Waiter {
+                        token: 0,
+                        reply: w,
+                        timer: None,
+                    });
+                }
                 let answer = self.admit(job, delayed, ctx);
                 if self.store.is_some() {
                     let id = answer.id;
@@ -1415,6 +1782,9 @@ impl Handler<Submit> for Dispatcher {
                 if let Some(d) = direct {
                     d.send(Err(e.clone()));
                 }
+                if let Some(w) = waiter {
+                    w.send(Err(e.clone()));
+                }
                 if let Some(a) = ack {
                     a.send(Err(e));
                 }
@@ -1424,12 +1794,160 @@ impl Handler<Submit> for Dispatcher {
 }
 
 impl Dispatcher {
-    fn add_waiter(&mut self, id: JobId, w: RecordWaiter) {
-        if let Some(job) = self.active.get_mut(&id) {
-            job.waiters.push(w);
-        } else {
+    /// Answer `w` once job `id` is final. A final (or unknown) job is
+    /// answered at once, from memory or the store. With a `timeout`, the
+    /// waiter is answered `WaitTimeout` and dropped when the job is not
+    /// final by then, so a client polling a job that never ends does not
+    /// pile up waiters.
+    fn add_waiter(
+        &mut self,
+        id: JobId,
+        w: RecordWaiter,
+        timeout: Option<Duration>,
+        ctx: &mut Context<Self>,
+    ) {
+        if !self.active.contains_key(&id) {
             // Final (in memory or only in the store), or unknown.
             self.lookup(id, w);
+            return;
+        }
+        let (token, timer) = match timeout {
+            None => (0, None),
+            Some(t) if t.is_zero() => {
+                w.send(Err(JobError::WaitTimeout {
+                    id: Some(id),
+                    waited_ms: 0,
+                }));
+                return;
+            }
+            Some(t) => {
+                let token = self.next_wait_token();
+                let err = JobError::WaitTimeout {
+                    id: Some(id),
+                    waited_ms: t.as_millis() as u64,
+                };
+                let timer = ctx.run_later(t, move |act, _| act.expire_wait(token, &[id], err));
+                (token, Some(timer))
+            }
+        };
+        self.push_waiter(id, w, token, timer, ctx);
+    }
+
+    fn next_wait_token(&mut self) -> u64 {
+        self.wait_tokens += 1;
+        self.wait_tokens
+    }
+
+    /// Add a waiter to an active job (or answer it from `lookup` when the
+    /// job is not active).
+    fn push_waiter(
+        &mut self,
+        id: JobId,
+        reply: RecordWaiter,
+        token: u64,
+        timer: Option<SpawnHandle>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(job) = self.active.get_mut(&id) else {
+            if let Some(t) = timer {
+                ctx.cancel_future(t);
+            }
+            self.lookup(id, reply);
+            return;
+        };
+        // Throw away waiters nobody listens to any more (dropped futures),
+        // each time the list reaches a power of two: amortised O(1) per
+        // wait, and bounded however often a client gives up and waits again.
+        let n = job.waiters.len();
+        if n >= 8 && n.is_power_of_two() {
+            for w in std::mem::take(&mut job.waiters) {
+                if w.reply.is_gone() {
+                    if let Some(t) = w.timer {
+                        ctx.cancel_future(t);
+                    }
+                } else {
+                    job.waiters.push(w);
+                }
+            }
+        }
+        job.waiters.push(Waiter {
+            token,
+            reply,
+            timer,
+        });
+        // A started attempt must now report at once when it ends.
+        if let Some(a) = &job.attempt {
+            a.request_notify();
+            self.recheck(ctx);
+        }
+    }
+
+    /// A timed wait ran out: answer and remove its waiter from each job
+    /// that still has it.
+    fn expire_wait(&mut self, token: u64, ids: &[JobId], err: JobError) {
+        for id in ids {
+            let Some(job) = self.active.get_mut(id) else {
+                continue;
+            };
+            if let Some(i) = job.waiters.iter().position(|w| w.token == token) {
+                let w = job.waiters.swap_remove(i);
+                w.reply.send(Err(err.clone()));
+            }
+        }
+    }
+
+    /// `WaitAny` once every id is known to exist: a final one answers at
+    /// once, else one shared reply waits on all of them.
+    fn wait_any(
+        &mut self,
+        ids: Vec<JobId>,
+        reply: RecordWaiter,
+        timeout: Option<Duration>,
+        ctx: &mut Context<Self>,
+    ) {
+        if let Some(rec) = ids.iter().find_map(|id| self.finished.get(id)) {
+            reply.send(Ok(rec.clone()));
+            return;
+        }
+        if timeout.is_some_and(|t| t.is_zero()) {
+            reply.send(Err(JobError::WaitTimeout {
+                id: None,
+                waited_ms: 0,
+            }));
+            return;
+        }
+        let token = if timeout.is_some() {
+            self.next_wait_token()
+        } else {
+            0
+        };
+        // One reply shared by all: the first job to finish takes it; the
+        // other waiters then count as gone and are pruned.
+        let slot = Arc::new(std::sync::Mutex::new(Some(reply)));
+        for &id in &ids {
+            let (take, probe) = (slot.clone(), slot.clone());
+            let w = Reply::with_probe(
+                move |r| {
+                    let taken = take.lock().ok().and_then(|mut s| s.take());
+                    if let Some(reply) = taken {
+                        reply.send(r);
+                    }
+                },
+                move || {
+                    probe
+                        .lock()
+                        .map(|s| s.as_ref().is_none_or(|r| r.is_gone()))
+                        .unwrap_or(false)
+                },
+            );
+            self.push_waiter(id, w, token, None, ctx);
+        }
+        if let Some(t) = timeout {
+            let err = JobError::WaitTimeout {
+                id: None,
+                waited_ms: t.as_millis() as u64,
+            };
+            ctx.run_later(t, move |act, _| act.expire_wait(token, &ids, err));
         }
     }
 }
@@ -1448,6 +1966,7 @@ impl Handler<SubmitBatch> for Dispatcher {
     type Result = ();
 
     fn handle(&mut self, msg: SubmitBatch, ctx: &mut Context<Self>) {
+        self.drain(ctx);
         // Check everything first, counting what the batch itself adds to
         // each pool, so a batch cannot overflow max_queued half-way.
         let mut checked = Vec::with_capacity(msg.jobs.len());
@@ -1519,6 +2038,9 @@ impl Handler<SubmitBatch> for Dispatcher {
 pub(crate) struct Wait {
     pub(crate) id: JobId,
     pub(crate) reply: RecordWaiter,
+    /// Answer `WaitTimeout` (and forget the waiter) if the job is not final
+    /// by then.
+    pub(crate) timeout: Option<Duration>,
 }
 
 impl Message for Wait {
@@ -1528,8 +2050,9 @@ impl Message for Wait {
 impl Handler<Wait> for Dispatcher {
     type Result = ();
 
-    fn handle(&mut self, msg: Wait, _: &mut Context<Self>) {
-        self.add_waiter(msg.id, msg.reply);
+    fn handle(&mut self, msg: Wait, ctx: &mut Context<Self>) {
+        self.drain(ctx);
+        self.add_waiter(msg.id, msg.reply, msg.timeout, ctx);
     }
 }
 
@@ -1537,6 +2060,8 @@ impl Handler<Wait> for Dispatcher {
 pub(crate) struct WaitAny {
     pub(crate) ids: Vec<JobId>,
     pub(crate) reply: RecordWaiter,
+    /// As for `Wait`.
+    pub(crate) timeout: Option<Duration>,
 }
 
 impl Message for WaitAny {
@@ -1546,30 +2071,88 @@ impl Message for WaitAny {
 impl Handler<WaitAny> for Dispatcher {
     type Result = ();
 
-    fn handle(&mut self, msg: WaitAny, _: &mut Context<Self>) {
-        for id in &msg.ids {
-            if self.record(*id).is_none() && self.store.is_none() {
-                msg.reply.send(Err(JobError::NotFound(id.to_string())));
-                return;
+    fn handle(&mut self, msg: WaitAny, ctx: &mut Context<Self>) {
+        self.drain(ctx);
+        let missing: Vec<JobId> = msg
+            .ids
+            .iter()
+            .copied()
+            .filter(|id| self.record(*id).is_none())
+            .collect();
+        let Some(&first_missing) = missing.first() else {
+            self.wait_any(msg.ids, msg.reply, msg.timeout, ctx);
+            return;
+        };
+        let Some(s) = &self.store else {
+            msg.reply
+                .send(Err(JobError::NotFound(first_missing.to_string())));
+            return;
+        };
+        // Not in memory: every one of them must be in the store (then it
+        // is final: the store's unfinished jobs are all in memory).
+        let me = ctx.address();
+        let WaitAny {
+            ids,
+            reply,
+            timeout,
+        } = msg;
+        s.addr.do_send(StoreRead::GetMany(
+            missing.clone(),
+            Reply::with(move |found| {
+                me.do_send(WaitAnyLoaded {
+                    ids,
+                    missing,
+                    found,
+                    reply,
+                    timeout,
+                })
+            }),
+        ));
+    }
+}
+
+/// The ids of a `WaitAny` that only the store may know, read back.
+struct WaitAnyLoaded {
+    /// Every id of the `WaitAny`.
+    ids: Vec<JobId>,
+    /// The ids that were not in memory, in the order read.
+    missing: Vec<JobId>,
+    /// What the store holds for each of `missing`.
+    found: Result<Vec<Option<JobRecord>>, StoreError>,
+    /// The waiter.
+    reply: RecordWaiter,
+    /// The wait's timeout, started once the ids are known to exist.
+    timeout: Option<Duration>,
+}
+
+impl Message for WaitAnyLoaded {
+    type Result = ();
+}
+
+impl Handler<WaitAnyLoaded> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: WaitAnyLoaded, ctx: &mut Context<Self>) {
+        self.drain(ctx);
+        let found = match msg.found {
+            Ok(f) => f,
+            Err(e) => return msg.reply.send(Err(JobError::Unavailable(e.0))),
+        };
+        let mut done = None;
+        for (id, rec) in msg.missing.iter().zip(found) {
+            match rec {
+                // Known in memory by now (retried meanwhile): fine.
+                None if self.record(*id).is_some() => {}
+                None => return msg.reply.send(Err(JobError::NotFound(id.to_string()))),
+                Some(r) if r.state.is_final() && self.record(*id).is_none() => {
+                    done.get_or_insert(r);
+                }
+                Some(_) => {}
             }
         }
-        if let Some(rec) = msg.ids.iter().find_map(|id| self.finished.get(id)) {
-            msg.reply.send(Ok(rec.clone()));
-            return;
-        }
-        // One reply shared by all: the first job to finish takes it.
-        let slot = Arc::new(std::sync::Mutex::new(Some(msg.reply)));
-        for id in msg.ids {
-            let slot = slot.clone();
-            self.add_waiter(
-                id,
-                Reply::with(move |r| {
-                    let taken = slot.lock().ok().and_then(|mut s| s.take());
-                    if let Some(reply) = taken {
-                        reply.send(r);
-                    }
-                }),
-            );
+        match done {
+            Some(rec) => msg.reply.send(Ok(rec)),
+            None => self.wait_any(msg.ids, msg.reply, msg.timeout, ctx),
         }
     }
 }
@@ -1585,6 +2168,9 @@ pub(crate) enum Query {
     Resize(String, usize, usize, Reply<Result<(), JobError>>),
     AddPool(PoolConfig, Reply<Result<(), JobError>>),
     Shutdown(Instant, Reply<()>),
+    /// How many waiters an active job has (tests of waiter clean-up).
+    #[cfg(test)]
+    Waiters(JobId, Reply<usize>),
 }
 
 impl Message for Query {
@@ -1595,6 +2181,7 @@ impl Handler<Query> for Dispatcher {
     type Result = ();
 
     fn handle(&mut self, msg: Query, ctx: &mut Context<Self>) {
+        self.drain(ctx);
         match msg {
             Query::Status(id, r) => self.lookup(id, r),
             Query::Cancel(id, r) if !self.active.contains_key(&id) => self.lookup(id, r),
@@ -1634,12 +2221,17 @@ impl Handler<Query> for Dispatcher {
                 }
             },
             Query::Stats(r) => r.send(self.snapshot()),
+            #[cfg(test)]
+            Query::Waiters(id, r) => r.send(self.active.get(&id).map_or(0, |j| j.waiters.len())),
             Query::Pause(pool, paused, r) => match self.pool_names.get(&pool).copied() {
                 None => r.send(Err(JobError::UnknownPool(pool))),
                 Some(i) => {
                     self.pools[i].paused = paused;
                     self.persist_change(Change::Paused(pool.clone(), paused), ctx);
-                    if !paused && self.closing.is_none() {
+                    if paused {
+                        self.revoke_offers(i, ctx);
+                        self.update_starving(i, ctx);
+                    } else if self.closing.is_none() {
                         self.pump(i, ctx);
                     }
                     r.send(Ok(()));
@@ -1658,6 +2250,14 @@ impl Handler<Query> for Dispatcher {
                     replies: vec![r],
                     stop_requested: false,
                 });
+                // Offered jobs go back to the queue, and from now on every
+                // report wakes us: the drain ends when the last worker is
+                // idle.
+                for i in 0..self.pools.len() {
+                    self.revoke_offers(i, ctx);
+                    self.pools[i].link.set_eager();
+                }
+                self.recheck(ctx);
                 // Jobs that have not started will not start: answer their
                 // waiters now. Running ones finish up to the deadline.
                 for job in self.active.values_mut() {
@@ -1666,7 +2266,7 @@ impl Handler<Query> for Dispatcher {
                             d.send(Err(JobError::ShuttingDown));
                         }
                         for w in job.waiters.drain(..) {
-                            w.send(Err(JobError::ShuttingDown));
+                            w.send(Err(JobError::ShuttingDown), ctx);
                         }
                     }
                 }
@@ -1674,7 +2274,10 @@ impl Handler<Query> for Dispatcher {
                     self.close_now(ctx);
                 } else {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    ctx.run_later(left, |act, ctx| act.close_now(ctx));
+                    ctx.run_later(left, |act, ctx| {
+                        act.drain(ctx);
+                        act.close_now(ctx)
+                    });
                 }
             }
         }
@@ -1810,7 +2413,7 @@ impl Dispatcher {
             _ => {}
         }
         p.counters.submitted = p.counters.submitted.saturating_sub(1);
-        let k = self.kind_totals(&job.rec.kind);
+        let k = self.kind_totals(&job.rec.kind, job.pool);
         k.counters.submitted = k.counters.submitted.saturating_sub(1);
         if let Some(key) = &job.rec.unique_key {
             let k = (job.rec.kind.clone(), key.clone());
@@ -1823,7 +2426,7 @@ impl Dispatcher {
             d.send(Err(err.clone()));
         }
         for w in job.waiters.drain(..) {
-            w.send(Err(err.clone()));
+            w.send(Err(err.clone()), ctx);
         }
         // Jobs that were admitted after it and wait for it stay waiting for
         // a job that never comes: cancel them the same way a failed
@@ -2041,7 +2644,9 @@ impl Message for Flush {
 impl Handler<Flush> for Dispatcher {
     type Result = ();
 
-    fn handle(&mut self, _: Flush, _: &mut Context<Self>) {
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) {
+        // Finished jobs not read yet join this batch.
+        self.drain(ctx);
         if let Some(s) = &mut self.store {
             s.flush_scheduled = false;
         }
@@ -2064,6 +2669,7 @@ impl Handler<Committed> for Dispatcher {
     type Result = ();
 
     fn handle(&mut self, msg: Committed, ctx: &mut Context<Self>) {
+        self.drain(ctx);
         let Some(store) = &mut self.store else {
             return;
         };
@@ -2159,6 +2765,7 @@ impl Handler<Committed> for Dispatcher {
                 // Try again in a while; with nothing to write, write a tiny
                 // row so that recovery is noticed.
                 ctx.run_later(STORE_RETRY, move |act, ctx| {
+                    act.drain(ctx);
                     if let Some(s) = &mut act.store
                         && s.pending.is_empty()
                         && let Some((name, paused)) = first_pool.clone()
@@ -2188,7 +2795,8 @@ impl Message for ListLoaded {
 impl Handler<ListLoaded> for Dispatcher {
     type Result = ();
 
-    fn handle(&mut self, msg: ListLoaded, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: ListLoaded, ctx: &mut Context<Self>) {
+        self.drain(ctx);
         let mem = self.list(&msg.q);
         let Ok(stored) = msg.page else {
             msg.reply.send(mem);
@@ -2236,6 +2844,7 @@ impl Handler<RetryLoaded> for Dispatcher {
     type Result = ();
 
     fn handle(&mut self, msg: RetryLoaded, ctx: &mut Context<Self>) {
+        self.drain(ctx);
         match msg.found {
             Err(e) => msg.reply.send(Err(JobError::Unavailable(e.0))),
             Ok(None) => msg.reply.send(Err(JobError::NotFound(msg.id.to_string()))),

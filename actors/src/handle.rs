@@ -28,7 +28,7 @@ use crate::dispatcher::{
 use crate::error::JobError;
 use crate::job::{JobId, JobOptions, JobRecord, JobSpec};
 use crate::pool::{PoolConfig, panic_message};
-use crate::reply::{Outcome, Reply};
+use crate::reply::{CallWait, Outcome, Reply, call_reply};
 use crate::stats::StatsSnapshot;
 
 /// A cheap, cloneable way into the runtime, usable from any thread.
@@ -111,6 +111,18 @@ impl Handle {
         }
     }
 
+    /// Block on a `call`'s reply with a timeout.
+    fn recv_call(&self, rx: &CallWait, timeout: Duration, id: JobId) -> Result<Outcome, JobError> {
+        match rx.recv_timeout(timeout) {
+            Ok(v) => Ok(v),
+            Err(RecvTimeoutError::Timeout) => Err(JobError::WaitTimeout {
+                id: Some(id),
+                waited_ms: timeout.as_millis() as u64,
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(self.gone()),
+        }
+    }
+
     /// Await an async reply; a dropped sender means the runtime is gone.
     async fn recv_async<T>(&self, rx: oneshot::Receiver<T>) -> Result<T, JobError> {
         rx.await.map_err(|_| self.gone())
@@ -172,7 +184,7 @@ impl Handle {
         refuse_on_arbiter()?;
         let payload = encode(input)?;
         let id = self.alloc_id();
-        let (tx, rx) = bounded::<Outcome>(1);
+        let (reply, rx) = call_reply(id);
         self.inner.dispatcher.do_send(Submit {
             id,
             spec: JobSpec {
@@ -181,9 +193,10 @@ impl Handle {
                 options,
             },
             ack: None,
-            direct: Some(Reply::sync(tx)),
+            direct: Some(reply),
+            waiter: None,
         });
-        match self.recv(&rx, timeout, Some(id)) {
+        match self.recv_call(&rx, timeout, id) {
             Ok(outcome) => decode(outcome?),
             Err(e @ JobError::WaitTimeout { .. }) => {
                 self.inner
@@ -218,6 +231,7 @@ impl Handle {
             spec,
             ack: Some(Reply::sync(tx)),
             direct: None,
+            waiter: None,
         });
         rx.recv().map_err(|_| self.gone())?
     }
@@ -232,9 +246,12 @@ impl Handle {
     pub fn wait_record(&self, id: JobId, timeout: Duration) -> Result<JobRecord, JobError> {
         refuse_on_arbiter()?;
         let (tx, rx) = bounded(1);
+        // The Dispatcher forgets the waiter at the same deadline: a sync
+        // reply channel cannot tell it that nobody listens any more.
         self.inner.dispatcher.do_send(Wait {
             id,
             reply: Reply::sync(tx),
+            timeout: Some(timeout),
         });
         self.recv(&rx, timeout, Some(id))?
     }
@@ -251,6 +268,7 @@ impl Handle {
         self.inner.dispatcher.do_send(WaitAny {
             ids: ids.to_vec(),
             reply: Reply::sync(tx),
+            timeout: Some(timeout),
         });
         self.recv(&rx, timeout, None)?
     }
@@ -336,6 +354,7 @@ impl Handle {
             },
             ack: None,
             direct: Some(Reply::future(tx)),
+            waiter: None,
         });
         decode(self.recv_async(rx).await??)
     }
@@ -348,6 +367,7 @@ impl Handle {
             spec,
             ack: Some(Reply::future(tx)),
             direct: None,
+            waiter: None,
         });
         self.recv_async(rx).await?
     }
@@ -378,14 +398,62 @@ impl Handle {
         rx.recv().map_err(|_| self.gone())?
     }
 
-    /// Async `wait_record`: resolves once the job is final.
+    /// Async `wait_record` without a limit: resolves once the job is
+    /// final. Dropping the future withdraws the wait.
     pub async fn wait_async(&self, id: JobId) -> Result<JobRecord, JobError> {
         let (tx, rx) = oneshot::channel();
         self.inner.dispatcher.do_send(Wait {
             id,
             reply: Reply::future(tx),
+            timeout: None,
         });
         self.recv_async(rx).await?
+    }
+
+    /// Async `wait_record`: the record once the job is final, or
+    /// `WaitTimeout` if it is not final within `timeout` (the job goes on).
+    /// A job that is already final answers at once, even with a zero
+    /// timeout. The Dispatcher enforces the timeout, so nothing of the
+    /// wait is left behind.
+    pub async fn wait_timeout_async(
+        &self,
+        id: JobId,
+        timeout: Duration,
+    ) -> Result<JobRecord, JobError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.dispatcher.do_send(Wait {
+            id,
+            reply: Reply::future(tx),
+            timeout: Some(timeout),
+        });
+        self.recv_async(rx).await?
+    }
+
+    /// Submit a job and wait for it, in one trip to the Dispatcher: first
+    /// the admission answer (the job's id, or the existing job's when
+    /// deduplicated), then a [`JobWait`] that resolves to the final record
+    /// whatever the outcome. A refused submission is the error.
+    pub async fn submit_and_wait_async(
+        &self,
+        spec: JobSpec,
+    ) -> Result<(SubmitAck, JobWait), JobError> {
+        let (ack_tx, ack_rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        self.inner.dispatcher.do_send(Submit {
+            id: self.alloc_id(),
+            spec,
+            ack: Some(Reply::future(ack_tx)),
+            direct: None,
+            waiter: Some(Reply::future(tx)),
+        });
+        let ack = self.recv_async(ack_rx).await??;
+        Ok((
+            ack,
+            JobWait {
+                rx,
+                handle: self.clone(),
+            },
+        ))
     }
 
     /// Async `wait_any`.
@@ -399,6 +467,7 @@ impl Handle {
         self.inner.dispatcher.do_send(WaitAny {
             ids,
             reply: Reply::future(tx),
+            timeout: None,
         });
         self.recv_async(rx).await?
     }
@@ -432,6 +501,13 @@ impl Handle {
     pub async fn set_paused_async(&self, pool: &str, paused: bool) -> Result<(), JobError> {
         let pool = pool.to_string();
         self.query_async(|r| Query::Pause(pool, paused, r)).await?
+    }
+
+    /// How many waiters an active job has (0 for any other job).
+    #[cfg(test)]
+    pub(crate) fn waiter_count(&self, id: JobId) -> usize {
+        self.query(|r| Query::Waiters(id, r), OP_TIMEOUT)
+            .unwrap_or(usize::MAX)
     }
 
     /// Async `resize_pool`.
@@ -536,6 +612,31 @@ impl Handle {
         out?.map_err(|m| {
             JobError::Internal(format!("the future given to Handle::run panicked: {m}"))
         })
+    }
+}
+
+/// The final record of a job submitted with
+/// [`Handle::submit_and_wait_async`], once it is final. Dropping it
+/// withdraws the wait (the job goes on).
+pub struct JobWait {
+    /// Answered by the Dispatcher when the job is final.
+    rx: oneshot::Receiver<Result<JobRecord, JobError>>,
+    /// To tell a lost runtime from a shut-down one.
+    handle: Handle,
+}
+
+impl Future for JobWait {
+    type Output = Result<JobRecord, JobError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match std::pin::Pin::new(&mut self.rx).poll(cx) {
+            std::task::Poll::Ready(Ok(r)) => std::task::Poll::Ready(r),
+            std::task::Poll::Ready(Err(_)) => std::task::Poll::Ready(Err(self.handle.gone())),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
     }
 }
 

@@ -28,7 +28,10 @@
 //!   delays, timeouts, retries, waiters, stats). No locks around job state.
 //! - `pool`: `SyncArbiter` workers. A pool is handed at most as many jobs
 //!   as it has idle workers (credit-based dispatch), so queued jobs stay in
-//!   the Dispatcher where they can be reordered and cancelled.
+//!   the Dispatcher where they can be reordered and cancelled. While all
+//!   workers are busy, a few of the best queued jobs wait in a handoff slot
+//!   that a finishing worker takes from at once; the Dispatcher can take
+//!   them back until then.
 //! - [`Handle`]: blocking and async operations, and the general bridge
 //!   ([`Handle::send`], [`Handle::run`]).
 //!
@@ -63,18 +66,23 @@ mod reply;
 mod runtime;
 mod stats;
 mod store;
+#[cfg(test)]
+mod waiter_tests;
 
 pub use context::JobContext;
 pub use dispatcher::{Heartbeat, ListPage, ListQuery, Retention, SubmitAck};
 pub use error::{JobError, ShutdownError, StartError};
-pub use handle::Handle;
+pub use handle::{Handle, JobWait};
 pub use job::{
     Attempt, Backoff, ErrorInfo, JobId, JobOptions, JobRecord, JobSpec, JobState, Peer, now_ms,
 };
 pub use pool::PoolConfig;
 pub use registry::{KindOptions, RawHandler};
 pub use runtime::{DEFAULT_POOL, Runtime, RuntimeBuilder};
-pub use stats::{Counters, KindStats, Percentiles, PoolStats, StatsSnapshot, StoreStats};
+pub use stats::{
+    Counters, Distribution, KindStats, LATENCY_BUCKETS_SECONDS, Percentiles, PoolKindStats,
+    PoolStats, StatsSnapshot, StoreStats,
+};
 pub use store::{Change, MemoryStore, Recovered, SqliteStore, SqliteSync, Store, StoreError};
 
 /// The Dispatcher actor type, for code that names it (it is not public API

@@ -1,18 +1,39 @@
 //! Pools: named `SyncArbiter`s of `Worker` sync actors. A worker runs one
-//! job attempt at a time under `catch_unwind`, answers a direct waiter when
-//! it owns the outcome, then reports to the Dispatcher (which hands it the
-//! next job: credit-based dispatch). Workers never queue work themselves.
+//! job attempt at a time under `catch_unwind`, reports to the Dispatcher,
+//! then answers a direct waiter when it owns the outcome. The Dispatcher
+//! hands a pool a job only when one of its workers is idle (credit-based
+//! dispatch). Workers never queue work themselves.
+//!
+//! Each pool shares a `PoolLink` with the Dispatcher:
+//! - a handoff slot: while all of the pool's workers are busy the
+//!   Dispatcher offers the best queued jobs there (a few, best first), and
+//!   a worker that finishes takes the next one at once instead of going
+//!   idle and waiting for the Dispatcher to notice and send another. Until
+//!   a worker takes it the Dispatcher can take an offered job back (a
+//!   higher priority arrived, cancel, pause, shutdown), so it stays queued
+//!   in every way a user can see;
+//! - a report inbox: workers file finished attempts there, and wake the
+//!   Dispatcher (a `Wake` message) only when someone waits for the report:
+//!   jobs wait for a worker, a waiter or a dependent job waits for this
+//!   one, the attempt failed or was interrupted, the job taken next has a
+//!   timeout to arm, a store wants the result committed soon, or the
+//!   runtime is shutting down. Otherwise the Dispatcher reads the inbox
+//!   first thing the next time it runs, before it answers anything. A
+//!   `call` answered directly by its worker thus wakes the Dispatcher once
+//!   (its submission), not twice.
 
+use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr, Handler, Message, SyncArbiter, SyncContext};
+use crossbeam_channel::{Receiver, Sender, unbounded};
 use serde_json::Value;
 
 use crate::context::{AttemptShared, JobContext};
-use crate::dispatcher::{AttemptDone, Dispatcher};
+use crate::dispatcher::{AttemptDone, Dispatcher, Wake};
 use crate::error::JobError;
 use crate::job::JobState;
 use crate::registry::RawHandler;
@@ -71,6 +92,83 @@ pub(crate) struct RunJob {
 
 impl Message for RunJob {
     type Result = ();
+}
+
+/// How many queued jobs a pool's handoff slot holds at most: enough that
+/// workers running short jobs rarely find it empty while jobs wait.
+pub(crate) const OFFER_DEPTH: usize = 16;
+
+/// What a pool's workers share with the Dispatcher (see the module doc).
+pub(crate) struct PoolLink {
+    /// Jobs offered to whichever worker finishes first, best first. The
+    /// Dispatcher fills it only while none of the pool's workers is idle.
+    slot: Mutex<VecDeque<RunJob>>,
+    /// Finished attempts, in the order each worker finished them.
+    reports: (Sender<AttemptDone>, Receiver<AttemptDone>),
+    /// Jobs of this pool wait in the Dispatcher's queue: a worker that goes
+    /// idle must wake the Dispatcher at once.
+    starving: AtomicBool,
+    /// Every report wakes the Dispatcher: the runtime is shutting down, or
+    /// a store wants finished jobs committed soon.
+    eager: AtomicBool,
+}
+
+impl Default for PoolLink {
+    fn default() -> Self {
+        PoolLink {
+            slot: Mutex::new(VecDeque::new()),
+            reports: unbounded(),
+            starving: AtomicBool::new(false),
+            eager: AtomicBool::new(false),
+        }
+    }
+}
+
+impl PoolLink {
+    fn slot(&self) -> MutexGuard<'_, VecDeque<RunJob>> {
+        // Nothing panics while holding this lock (it only moves jobs in and
+        // out), so a poisoned lock still holds a consistent queue.
+        match self.slot.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Offer a job behind those offered already (the Dispatcher, in
+    /// priority order).
+    pub(crate) fn offer(&self, job: RunJob) {
+        self.slot().push_back(job);
+    }
+
+    /// Take back every offered job no worker took yet (the Dispatcher).
+    pub(crate) fn revoke(&self) -> VecDeque<RunJob> {
+        std::mem::take(&mut *self.slot())
+    }
+
+    /// Take the best offered job, if any (a worker that just finished one).
+    fn take(&self) -> Option<RunJob> {
+        self.slot().pop_front()
+    }
+
+    /// The next report, if any (the Dispatcher).
+    pub(crate) fn next_report(&self) -> Option<AttemptDone> {
+        self.reports.1.try_recv().ok()
+    }
+
+    /// Say whether jobs wait for a worker (the Dispatcher). After raising
+    /// it, the Dispatcher must read the inbox once more: a worker that read
+    /// the old value may have gone idle without waking it.
+    pub(crate) fn set_starving(&self, on: bool) {
+        self.starving.store(on, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Make every later report wake the Dispatcher (the Dispatcher; it must
+    /// read the inbox once more afterwards).
+    pub(crate) fn set_eager(&self) {
+        self.eager.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
 }
 
 /// Counts live worker threads so shutdown can wait for them: actix detaches
@@ -142,10 +240,8 @@ pub(crate) struct Worker {
     dispatcher: Addr<Dispatcher>,
     /// Index of the pool in the Dispatcher's table.
     pool_index: usize,
-    /// Which SyncArbiter of the pool this worker belongs to: a resize starts
-    /// a new one, and the Dispatcher gives no credit back for reports from
-    /// an older one (those workers exit after their job).
-    generation: u64,
+    /// The handoff slot and report inbox shared with the Dispatcher.
+    link: Arc<PoolLink>,
     /// Keeps the live-thread count up while this worker exists.
     _guard: ThreadGuard,
 }
@@ -158,7 +254,18 @@ impl Handler<RunJob> for Worker {
     type Result = ();
 
     fn handle(&mut self, job: RunJob, _: &mut SyncContext<Self>) {
-        let started = Instant::now();
+        let mut next = Some(job);
+        while let Some(job) = next {
+            next = self.run(job);
+        }
+    }
+}
+
+impl Worker {
+    /// Run one attempt, report it, answer its direct waiter; then the job
+    /// this worker took from the handoff slot meanwhile, if any.
+    fn run(&mut self, job: RunJob) -> Option<RunJob> {
+        let started = job.shared.start();
         let ctx = JobContext {
             shared: &job.shared,
             pool: &self.pool,
@@ -180,22 +287,45 @@ impl Handler<RunJob> for Worker {
         } else {
             None
         };
-        // Tell the Dispatcher first, answer the waiter second: whatever the
-        // caller asks next (status, stats, wait) is then queued behind this
-        // report and sees the job final. The reply still goes straight to
-        // the caller, without a hop through the Dispatcher.
-        self.dispatcher.do_send(AttemptDone {
+        // Take the next offered job before reporting, so that the report
+        // says so: the Dispatcher then counts this worker busy with it.
+        let next = self.link.take();
+        let took = next.as_ref().map(|n| {
+            n.shared.start();
+            (n.shared.id, n.shared.attempt)
+        });
+        // Whether someone waits for this report (see the module doc).
+        let mut urgent =
+            !claimed || outcome.is_err() || next.as_ref().is_some_and(|n| n.shared.has_timeout());
+        // Report first, answer the waiter second: whatever the caller asks
+        // next (status, stats, wait) is handled after the Dispatcher read
+        // this report, and sees the job final. The reply still goes straight
+        // to the caller, without a hop through the Dispatcher.
+        let _ = self.link.reports.0.send(AttemptDone {
             id: shared.id,
             attempt: shared.attempt,
             pool: self.pool_index,
-            generation: self.generation,
             outcome,
             claimed,
             run_time,
+            took,
         });
+        // Read the flags only now that the report is in (pairs with the
+        // fence in `set_starving` and friends): either we see a flag raised,
+        // or the Dispatcher finds this report when it reads the inbox after
+        // raising it.
+        fence(Ordering::SeqCst);
+        urgent = urgent
+            || shared.must_notify()
+            || (next.is_none() && self.link.starving.load(Ordering::SeqCst))
+            || self.link.eager.load(Ordering::SeqCst);
+        if urgent {
+            self.dispatcher.do_send(Wake);
+        }
         if let Some((reply, answer)) = direct {
             reply.send(answer);
         }
+        next
     }
 }
 
@@ -229,8 +359,8 @@ pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Start a pool's SyncArbiter (generation `generation` of pool
-/// `pool_index`). Must run inside the actix System.
+/// Start a pool's SyncArbiter, its workers sharing `link` with the
+/// Dispatcher. Must run inside the actix System.
 ///
 /// Each thread is counted right before it is spawned, so a shutdown right
 /// after start still waits for it. actix panics when the OS refuses a
@@ -240,9 +370,9 @@ pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 pub(crate) fn start_pool(
     cfg: &PoolConfig,
     pool_index: usize,
-    generation: u64,
     dispatcher: Addr<Dispatcher>,
     threads: ThreadCount,
+    link: Arc<PoolLink>,
 ) -> Result<Addr<Worker>, String> {
     let name: Arc<str> = Arc::from(cfg.name.as_str());
     let counter = AtomicUsize::new(0);
@@ -260,7 +390,7 @@ pub(crate) fn start_pool(
                 pool: name.clone(),
                 dispatcher: dispatcher.clone(),
                 pool_index,
-                generation,
+                link: link.clone(),
                 // Workers are never stopped (panics are caught), so actix
                 // calls this factory exactly once per thread: one guard per
                 // thread counted above.

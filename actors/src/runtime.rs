@@ -100,6 +100,26 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Change the defaults (attempts, backoff, timeout) of a kind
+    /// registered earlier, e.g. from a configuration file that names kinds
+    /// registered by code it does not own. A kind not registered yet makes
+    /// `start` fail, naming it.
+    pub fn kind_defaults(mut self, kind: &str, change: impl FnOnce(&mut KindOptions)) -> Self {
+        match self.kinds.get_mut(kind) {
+            None => self.errors.push(format!(
+                "defaults for kind '{kind}', which is not registered"
+            )),
+            Some(k) => {
+                change(&mut k.options);
+                if k.options.max_attempts == 0 {
+                    self.errors
+                        .push(format!("kind '{kind}': max_attempts must be at least 1"));
+                }
+            }
+        }
+        self
+    }
+
     /// Like `kind`, from a closure over JSON values.
     pub fn raw_handler<F>(self, kind: &str, pool: &str, options: KindOptions, f: F) -> Self
     where
@@ -172,22 +192,19 @@ impl RuntimeBuilder {
             .spawn(move || {
                 let sys = actix_rt::System::new();
                 sys.block_on(async move {
-                    let states = pools.iter().cloned().map(PoolState::new).collect();
-                    let dispatcher = Dispatcher::new(
-                        registry,
-                        states,
-                        retention,
-                        heartbeat,
-                        worker_threads.clone(),
-                    );
+                    let states: Vec<PoolState> =
+                        pools.iter().cloned().map(PoolState::new).collect();
                     // Start the Dispatcher first so the pools can know its
                     // address, then hand it theirs before any job exists.
                     let ctx = actix::Context::<Dispatcher>::new();
                     let addr = ctx.address();
-                    let addrs: Result<Vec<_>, String> = pools
+                    let addrs: Result<Vec<_>, String> = states
                         .iter()
                         .enumerate()
-                        .map(|(i, p)| start_pool(p, i, 0, addr.clone(), worker_threads.clone()))
+                        .map(|(i, p)| {
+                            let link = p.link.clone();
+                            start_pool(&p.cfg, i, addr.clone(), worker_threads.clone(), link)
+                        })
                         .collect();
                     let addrs = match addrs {
                         Ok(a) => a,
@@ -202,6 +219,13 @@ impl RuntimeBuilder {
                             return;
                         }
                     };
+                    let dispatcher = Dispatcher::new(
+                        registry,
+                        states,
+                        retention,
+                        heartbeat,
+                        worker_threads.clone(),
+                    );
                     let mut dispatcher = dispatcher;
                     dispatcher.set_pool_addrs(addrs);
                     if let (Some(store), Some(recovered)) = (store, recovered) {
@@ -315,5 +339,55 @@ impl Runtime {
 impl Drop for Runtime {
     fn drop(&mut self) {
         let _ = self.stop(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Backoff, JobOptions, JobState};
+
+    #[test]
+    fn kind_defaults_change_a_registered_kind_and_refuse_unknown_ones() {
+        let b = Runtime::builder()
+            .pool("p", 1)
+            .handler("fail", "p", |_ctx, _: ()| Err::<(), _>("no"));
+        let e = b
+            .kind_defaults("nope", |o| o.max_attempts = 2)
+            .start()
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("'nope'"), "{e}");
+        let e = Runtime::builder()
+            .pool("p", 1)
+            .handler("fail", "p", |_ctx, _: ()| Err::<(), _>("no"))
+            .kind_defaults("fail", |o| o.max_attempts = 0)
+            .start()
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("max_attempts"), "{e}");
+
+        let backoff = Backoff {
+            base_ms: 1,
+            factor: 1.0,
+            max_ms: 1,
+        };
+        let rt = Runtime::builder()
+            .pool("p", 1)
+            .handler("fail", "p", |_ctx, _: ()| Err::<(), _>("no"))
+            .kind_defaults("fail", |o| {
+                o.max_attempts = 3;
+                o.backoff = backoff;
+                o.timeout = Some(Duration::from_secs(7));
+            })
+            .start()
+            .unwrap();
+        let h = rt.handle();
+        let id = h.submit("fail", &(), JobOptions::default()).unwrap();
+        let rec = h.wait_record(id, Duration::from_secs(10)).unwrap();
+        assert_eq!((rec.state, rec.attempt), (JobState::Dead, 3));
+        assert_eq!(rec.backoff, backoff);
+        assert_eq!(rec.timeout_ms, Some(7000));
+        rt.shutdown(Duration::from_secs(10)).unwrap();
     }
 }

@@ -276,3 +276,54 @@ fn a_pool_added_live_runs_jobs_sent_to_it() {
     rt.shutdown(LONG).unwrap();
     assert_threads_named("jobd-extra-", 0);
 }
+
+#[test]
+fn resizing_over_and_over_while_jobs_flow_loses_nothing() {
+    // Workers finishing at the very moment of a resize (and taking the next
+    // job from the handoff slot) are the racy case: hammer it.
+    let rt = Runtime::builder()
+        .pool("churn", 2)
+        .handler("spin", "churn", |_ctx, n: u64| {
+            if n % 7 == 0 {
+                std::thread::sleep(Duration::from_micros(300));
+            }
+            Ok::<u64, String>(n * 2)
+        })
+        .start()
+        .unwrap();
+    let h = rt.handle();
+    let callers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                for i in 0..300u64 {
+                    let n = t * 1000 + i;
+                    let got: u64 = h.call("spin", &n, LONG).unwrap();
+                    assert_eq!(got, n * 2);
+                }
+            })
+        })
+        .collect();
+    let mut sizes = [1usize, 3, 2, 4].into_iter().cycle();
+    while !callers.iter().all(|c| c.is_finished()) {
+        h.resize_pool("churn", sizes.next().unwrap(), 1000).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for c in callers {
+        c.join().unwrap();
+    }
+    h.resize_pool("churn", 3, 1000).unwrap();
+    // Settled: every credit is back, no worker of an old size is left.
+    assert!(
+        eventually(LONG, || {
+            let p = &h.stats().unwrap().pools["churn"];
+            (p.threads, p.idle, p.busy, p.retiring, p.running) == (3, 3, 0, 0, 0)
+        }),
+        "{:?}",
+        h.stats().unwrap().pools["churn"]
+    );
+    assert_eq!(h.stats().unwrap().pools["churn"].counters.succeeded, 1200);
+    assert_threads_named("jobd-churn-", 3);
+    rt.shutdown(LONG).unwrap();
+    assert_threads_named("jobd-churn-", 0);
+}

@@ -12,7 +12,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use jobd::client::{Client, Response};
+use jobd::progress::{self, Progress};
 use serde_json::{Map, Value, json};
+
+// Beside this file, not in src/bin/ (where cargo would take it for a binary).
+#[path = "jobctl/lifecycle.rs"]
+mod lifecycle;
 
 const AFTER_HELP: &str = "\
 Socket: --socket, else $JOBD_SOCKET, else $XDG_RUNTIME_DIR/jobd/jobd.sock,
@@ -69,10 +74,21 @@ enum Cmd {
         /// Job id.
         id: String,
     },
-    /// Queue a failed or dead job again with fresh attempts.
+    /// Queue a failed or dead job again with fresh attempts; or, with
+    /// --all-dead, every dead job (of a pool or kind).
     Retry {
         /// Job id.
-        id: String,
+        #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
+        id: Option<String>,
+        /// Retry every dead job, newest first (pages through `list --state dead`).
+        #[arg(long)]
+        all_dead: bool,
+        /// With --all-dead: only jobs of this pool.
+        #[arg(long, requires = "all_dead", conflicts_with = "id")]
+        pool: Option<String>,
+        /// With --all-dead: only jobs of this kind.
+        #[arg(long, requires = "all_dead", conflicts_with = "id")]
+        kind: Option<String>,
     },
     /// List jobs, newest first.
     List {
@@ -93,6 +109,9 @@ enum Cmd {
         /// Continue a previous listing (the cursor it printed).
         #[arg(long)]
         cursor: Option<String>,
+        /// Oldest first instead of newest first.
+        #[arg(long)]
+        oldest: bool,
     },
     /// Counters, queue sizes and latencies per pool and kind.
     Stats,
@@ -108,14 +127,33 @@ enum Cmd {
     },
     /// Check that the daemon answers; show its version.
     Hello,
+    /// Live dashboard: threads, queues, throughput, latencies, recent
+    /// failures (q quits).
+    Top {
+        /// How often to refresh.
+        #[arg(long, value_parser = parse_duration, default_value = "1s")]
+        interval: Duration,
+    },
+    /// Print a shell completion script, e.g.
+    /// `jobctl completions bash > /etc/bash_completion.d/jobctl`.
+    Completions {
+        /// bash, zsh, fish (also elvish, powershell).
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Args, Debug)]
 struct SubmitArgs {
     /// Job kind (echo, sleep, exec, or a kind from the daemon's config).
-    kind: String,
+    #[arg(required_unless_present = "batch")]
+    kind: Option<String>,
     /// Payload: JSON text, @FILE, or @- for stdin (default: null).
     payload: Option<String>,
+    /// Submit every job in FILE (one JSON job object per line, - for
+    /// stdin), pipelined, with a progress bar; the options below fill in
+    /// fields a line leaves out. With --wait, then wait for all of them.
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["kind", "payload"])]
+    batch: Option<PathBuf>,
     /// Wait for the outcome and print it.
     #[arg(long)]
     wait: bool,
@@ -140,6 +178,16 @@ struct SubmitArgs {
     /// Run only after this job succeeded (repeatable).
     #[arg(long = "after", value_name = "ID")]
     after: Vec<String>,
+    /// Retry backoff: delay before the first retry (default 1s). Without any
+    /// --backoff-* flag the kind's backoff applies.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    backoff_base: Option<Duration>,
+    /// Retry backoff: growth per further retry, 1 to 100 (default 2).
+    #[arg(long, value_name = "FACTOR")]
+    backoff_factor: Option<f64>,
+    /// Retry backoff: longest delay (default 5m).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    backoff_max: Option<Duration>,
 }
 
 /// Parse a duration such as `500ms`, `5s`, `2m`, `1h`, `1d` or `1m30s`.
@@ -227,8 +275,20 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> anyhow::Result<Code> {
     // Check the arguments before connecting, so a usage mistake is
     // reported as such even when the daemon is down.
+    if let Cmd::Completions { shell } = &cli.cmd {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(*shell, &mut cmd, "jobctl", &mut std::io::stdout());
+        return Ok(OK);
+    }
     let submit = match &cli.cmd {
         Cmd::Submit(a) => Some(submit_request(a)?),
+        _ => None,
+    };
+    let batch = match (&cli.cmd, &submit) {
+        (Cmd::Submit(a), Some(req)) => match &a.batch {
+            Some(file) => Some(progress::read_batch(file, &batch_defaults(req))?),
+            None => None,
+        },
         _ => None,
     };
     let path = cli
@@ -238,6 +298,10 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
     let mut c = Client::connect(&path)?;
     let json = cli.json;
     match &cli.cmd {
+        Cmd::Submit(a) if batch.is_some() => {
+            let jobs = batch.unwrap_or_default();
+            submit_batch(&mut c, &jobs, a.wait, json)
+        }
         Cmd::Submit(a) => {
             let req = submit.unwrap_or(Value::Null);
             let r = c.call("submit", req)?;
@@ -257,16 +321,23 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             let r = c.call("cancel", json!({ "job": id }))?;
             record_line(&r, id, json)
         }
-        Cmd::Retry { id } => {
+        Cmd::Retry { id: Some(id), .. } => {
             let r = c.call("retry", json!({ "job": id }))?;
             record_line(&r, id, json)
         }
+        Cmd::Retry {
+            id: None,
+            pool,
+            kind,
+            ..
+        } => lifecycle::retry_all_dead(&mut c, pool.as_deref(), kind.as_deref(), json),
         Cmd::List {
             state,
             pool,
             kind,
             limit,
             cursor,
+            oldest,
         } => {
             let mut q = Map::new();
             let mut put = |k: &str, v: Option<Value>| {
@@ -279,11 +350,12 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             put("kind", kind.clone().map(Value::from));
             put("limit", limit.map(Value::from));
             put("cursor", cursor.clone().map(Value::from));
+            put("order", oldest.then(|| Value::from("oldest")));
             let r = c.call("list", Value::Object(q))?;
             if json {
                 print_json(&r);
             } else if r.is_ok() {
-                print_list(&r);
+                print_list(&r, *oldest);
             }
             refused(&r)
         }
@@ -324,7 +396,67 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
             }
             refused(&r)
         }
+        Cmd::Top { interval } => {
+            jobd::top::run(c, *interval)?;
+            Ok(OK)
+        }
+        // Answered before connecting.
+        Cmd::Completions { .. } => Ok(OK),
     }
+}
+
+/// The fields of `submit --batch`'s options that fill in each line's job.
+fn batch_defaults(req: &Value) -> Map<String, Value> {
+    req["job"].as_object().cloned().unwrap_or_default()
+}
+
+/// `submit --batch`: submit every job (pipelined, with progress), print
+/// the ids in file order (or, with --wait, wait and show the outcomes).
+fn submit_batch(
+    c: &mut Client,
+    jobs: &[progress::BatchJob],
+    then_wait: bool,
+    json: bool,
+) -> anyhow::Result<Code> {
+    let total = jobs.len() as u64;
+    let mut p = Progress::auto("submitted", total);
+    let answers = progress::submit_batch(c, jobs, &mut p)?;
+    let mut code = OK;
+    let mut ids = Vec::new();
+    let mut lines = Vec::new();
+    for (job, r) in jobs.iter().zip(&answers) {
+        if json {
+            print_json(r);
+        }
+        match r.error() {
+            Some(e) => {
+                lines.push(format!(
+                    "jobctl: line {}: {}: {}",
+                    job.line, e.code, e.message
+                ));
+                code = JOB_FAILED;
+            }
+            None => ids.push(text(r.get("job"))),
+        }
+    }
+    let refused = jobs.len() - ids.len();
+    let extra = if refused > 0 {
+        format!("{refused} refused")
+    } else {
+        String::new()
+    };
+    p.finish(total, total, &extra);
+    for l in lines {
+        eprintln!("{l}");
+    }
+    if then_wait && !ids.is_empty() {
+        code = code.max(wait(c, &ids, None, json)?);
+    } else if !json {
+        for id in &ids {
+            println!("{id}");
+        }
+    }
+    Ok(code)
 }
 
 /// Exit code of an answer that is not about a job's outcome: 0 when ok,
@@ -341,7 +473,9 @@ fn refused(r: &Response) -> anyhow::Result<Code> {
 
 fn submit_request(a: &SubmitArgs) -> anyhow::Result<Value> {
     let mut job = Map::new();
-    job.insert("kind".into(), Value::from(a.kind.clone()));
+    if let Some(k) = &a.kind {
+        job.insert("kind".into(), Value::from(k.clone()));
+    }
     if let Some(p) = &a.payload {
         job.insert("payload".into(), read_payload(p)?);
     }
@@ -371,6 +505,9 @@ fn submit_request(a: &SubmitArgs) -> anyhow::Result<Value> {
     }
     if !a.after.is_empty() {
         job.insert("after".into(), Value::from(a.after.clone()));
+    }
+    if let Some(b) = lifecycle::backoff(a.backoff_base, a.backoff_factor, a.backoff_max)? {
+        job.insert("backoff".into(), b);
     }
     let mut req = json!({ "job": job });
     if a.wait {
@@ -433,10 +570,6 @@ fn record_line(r: &Response, id: &str, json: bool) -> anyhow::Result<Code> {
     refused(r)
 }
 
-/// How long one `wait` request may take when the user set no limit; the
-/// request is simply asked again after a `timeout` answer.
-const WAIT_CHUNK: Duration = Duration::from_secs(60);
-
 /// Wait for every id (pipelined), print one row per job, exit 1 unless all
 /// succeeded.
 fn wait(
@@ -445,26 +578,17 @@ fn wait(
     timeout: Option<Duration>,
     json: bool,
 ) -> anyhow::Result<Code> {
-    let per_request = ms(timeout.unwrap_or(WAIT_CHUNK));
-    let mut pending: Vec<&String> = ids.iter().collect();
-    let mut done: HashMap<&String, Response> = HashMap::new();
-    while !pending.is_empty() {
-        let mut sent = Vec::with_capacity(pending.len());
-        for id in &pending {
-            let req = c.send("wait", json!({ "job": id, "timeout_ms": per_request }))?;
-            sent.push((*id, req));
-        }
-        pending.clear();
-        for (id, req) in sent {
-            let r = c.recv(req)?;
-            let expired = r.error().is_some_and(|e| e.code == "timeout");
-            if expired && timeout.is_none() {
-                pending.push(id);
-            } else {
-                done.insert(id, r);
-            }
-        }
-    }
+    let per_request = ms(timeout.unwrap_or(progress::WAIT_CHUNK));
+    let mut p = if ids.len() > 1 {
+        Progress::auto("final", ids.len() as u64)
+    } else {
+        Progress::Quiet
+    };
+    let answers = progress::wait_all(c, ids, timeout, &mut p)?;
+    let finals = answers.iter().filter(|r| r.is_ok()).count() as u64;
+    let ok_count = progress::succeeded(&answers);
+    p.finish(finals, ids.len() as u64, &format!("{ok_count} succeeded"));
+    let done: HashMap<&String, Response> = ids.iter().zip(answers).collect();
     let mut code = OK;
     let mut rows = Vec::new();
     for id in ids {
@@ -660,7 +784,7 @@ fn print_record(rec: &Value) {
     }
 }
 
-fn print_list(r: &Response) {
+fn print_list(r: &Response, oldest: bool) {
     let empty = Vec::new();
     let jobs = r.get("jobs").as_array().unwrap_or(&empty);
     let rows: Vec<Vec<String>> = jobs
@@ -691,7 +815,8 @@ fn print_list(r: &Response) {
     );
     let cursor = r.get("cursor");
     if !cursor.is_null() {
-        eprintln!("more: jobctl list --cursor {}", text(cursor));
+        let order = if oldest { " --oldest" } else { "" };
+        eprintln!("more: jobctl list --cursor {}{order}", text(cursor));
     }
 }
 

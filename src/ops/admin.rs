@@ -1,4 +1,4 @@
-//! `hello`, `stats`, `pause` and `resume`.
+//! `hello`, `stats`, `metrics`, `pause` and `resume`.
 
 use jobd_actors::{ErrorInfo, Handle};
 use serde_json::{Value, json};
@@ -28,6 +28,17 @@ pub(super) async fn stats(h: &Handle, id: Value) -> Response {
             id,
             &ErrorInfo::new(code::INTERNAL, "cannot encode the statistics"),
         ),
+    }
+}
+
+/// `metrics`: the statistics as Prometheus text exposition, in `text`.
+pub(super) async fn metrics(h: &Handle, id: Value) -> Response {
+    match h.stats_async().await {
+        Ok(snapshot) => match crate::metrics::exposition(&snapshot) {
+            Ok(text) => Response::ok(id).with("text", json!(text)),
+            Err(e) => Response::error(id, &ErrorInfo::new(code::INTERNAL, e.to_string())),
+        },
+        Err(e) => Response::error(id, &e.info()),
     }
 }
 

@@ -43,7 +43,9 @@ pub(super) async fn retry(h: &Handle, id: Value, job: JobRef) -> Response {
     }
 }
 
-/// `wait`: the record once the job is final, or `timeout`.
+/// `wait`: the record once the job is final, or `timeout`. A final job
+/// answers at once, even with `timeout_ms` 0; the runtime enforces the
+/// timeout, so a wait that runs out leaves nothing behind.
 pub(super) async fn wait(
     h: &Handle,
     id: Value,
@@ -54,28 +56,20 @@ pub(super) async fn wait(
         Ok(j) => j,
         Err(e) => return Response::error(id, &e),
     };
-    // Ask first: a final job answers at once, even with timeout_ms 0.
-    match h.status_async(j).await {
-        Ok(rec) if rec.state.is_final() => return record_response(id, Ok(rec)),
-        Ok(_) => {}
-        Err(e) => return Response::error(id, &e.info()),
-    }
     let waited = match timeout {
         None => h.wait_async(j).await,
-        Some(t) => match tokio::time::timeout(t, h.wait_async(j)).await {
-            Ok(r) => r,
-            Err(_) => {
-                return Response::error(
-                    id,
-                    &ErrorInfo::new(
-                        code::TIMEOUT,
-                        format!("job {j} is not final after {} ms", t.as_millis()),
-                    ),
-                );
-            }
-        },
+        Some(t) => h.wait_timeout_async(j, t).await,
     };
-    record_response(id, waited)
+    match waited {
+        Err(JobError::WaitTimeout { waited_ms, .. }) => Response::error(
+            id,
+            &ErrorInfo::new(
+                code::TIMEOUT,
+                format!("job {j} is not final after {waited_ms} ms"),
+            ),
+        ),
+        other => record_response(id, other),
+    }
 }
 
 /// `list`: one page of records, newest first unless `order` says otherwise.

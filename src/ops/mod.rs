@@ -1,6 +1,6 @@
 //! Running parsed requests against the runtime: one function per op group
 //! (`submit`: submit and submit_batch; `jobs`: status, wait, cancel, retry,
-//! list; `admin`: hello, stats, pause, resume). Each takes the `Handle`, the
+//! list; `admin`: hello, stats, metrics, pause, resume). Each takes the `Handle`, the
 //! request id and the op's arguments and returns the response. Only the
 //! `*_async` methods of `Handle` are used: this code runs on the session's
 //! event loop, which must never block.
@@ -26,6 +26,7 @@ pub async fn execute(h: &Handle, id: Value, req: Request) -> Response {
         Request::Retry(job) => jobs::retry(h, id, job).await,
         Request::List(q) => jobs::list(h, id, q).await,
         Request::Stats => admin::stats(h, id).await,
+        Request::Metrics => admin::metrics(h, id).await,
         Request::Pause(pool) => admin::set_paused(h, id, pool, true).await,
         Request::Resume(pool) => admin::set_paused(h, id, pool, false).await,
     }

@@ -56,16 +56,20 @@ fn ack_response(id: Value, ack: &SubmitAck) -> Response {
     }
 }
 
-/// `submit`: admit one job; with `wait`, answer with its outcome.
+/// `submit`: admit one job; with `wait`, answer with its outcome (the
+/// submission and the wait are one trip to the Dispatcher).
 pub(super) async fn submit(h: &Handle, id: Value, job: JobSpec, wait: bool) -> Response {
-    let ack = match h.submit_async(job).await {
-        Ok(ack) => ack,
+    if !wait {
+        return match h.submit_async(job).await {
+            Ok(ack) => ack_response(id, &ack),
+            Err(e) => Response::error(id, &e.info()),
+        };
+    }
+    let (ack, done) = match h.submit_and_wait_async(job).await {
+        Ok(admitted) => admitted,
         Err(e) => return Response::error(id, &e.info()),
     };
-    if !wait {
-        return ack_response(id, &ack);
-    }
-    match h.wait_async(ack.id).await {
+    match done.await {
         Ok(rec) => {
             let (ok, fields) = outcome_fields(&rec);
             let mut r = if ok {

@@ -90,6 +90,11 @@ pub trait Store: Send + 'static {
 /// Reads the store answers on its own thread, straight to the caller.
 pub(crate) enum StoreRead {
     Get(JobId, Reply<Result<Option<JobRecord>, StoreError>>),
+    /// Several jobs, answered in the order asked.
+    GetMany(
+        Vec<JobId>,
+        Reply<Result<Vec<Option<JobRecord>>, StoreError>>,
+    ),
     List(ListQuery, Reply<Result<ListPage, StoreError>>),
 }
 
@@ -147,6 +152,9 @@ impl Handler<StoreRead> for StoreActor {
     fn handle(&mut self, msg: StoreRead, _: &mut SyncContext<Self>) {
         match msg {
             StoreRead::Get(id, r) => r.send(self.store.get(id)),
+            StoreRead::GetMany(ids, r) => {
+                r.send(ids.into_iter().map(|id| self.store.get(id)).collect())
+            }
             StoreRead::List(q, r) => r.send(self.store.list(&q)),
         }
     }
