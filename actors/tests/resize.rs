@@ -284,7 +284,7 @@ fn resizing_over_and_over_while_jobs_flow_loses_nothing() {
     let rt = Runtime::builder()
         .pool("churn", 2)
         .handler("spin", "churn", |_ctx, n: u64| {
-            if n % 7 == 0 {
+            if n.is_multiple_of(7) {
                 std::thread::sleep(Duration::from_micros(300));
             }
             Ok::<u64, String>(n * 2)
