@@ -33,7 +33,7 @@ fn ready_status_watchdog_and_stopping() {
     ));
 
     // READY=1: connect at once, no retry. It must work.
-    let ready = notify.wait_for(LONG, "READY=1", |m| m.has("READY=1"));
+    let ready = notify.wait_from(&mut child.0, LONG, "READY=1", |m| m.has("READY=1"));
     let mut c = Client::connect(&setup.socket).expect("READY=1 came before the socket accepts");
     let hello = c.request(json!({"op": "hello"})).unwrap();
     assert_eq!(hello["ok"], json!(true), "{hello}");
@@ -71,7 +71,7 @@ fn ready_status_watchdog_and_stopping() {
     // SIGTERM: STOPPING=1 while the job still runs, watchdog pings go on
     // during the drain, and the daemon exits cleanly once the job is done.
     signal(&child.0, libc::SIGTERM);
-    let stopping = notify.wait_for(LONG, "STOPPING=1", |m| m.has("STOPPING=1"));
+    let stopping = notify.wait_from(&mut child.0, LONG, "STOPPING=1", |m| m.has("STOPPING=1"));
     assert!(
         stopping
             .get("STATUS")
@@ -103,7 +103,7 @@ fn no_watchdog_pings_when_watchdog_pid_is_another_process() {
         ],
         Stdio::inherit(),
     ));
-    notify.wait_for(LONG, "READY=1", |m| m.has("READY=1"));
+    notify.wait_from(&mut child.0, LONG, "READY=1", |m| m.has("READY=1"));
     // Twelve watchdog intervals' worth of silence.
     let got = notify.collect_for(Duration::from_millis(600));
     assert!(
@@ -112,7 +112,7 @@ fn no_watchdog_pings_when_watchdog_pid_is_another_process() {
         got.iter().map(|m| &m.lines).collect::<Vec<_>>()
     );
     signal(&child.0, libc::SIGTERM);
-    notify.wait_for(LONG, "STOPPING=1", |m| m.has("STOPPING=1"));
+    notify.wait_from(&mut child.0, LONG, "STOPPING=1", |m| m.has("STOPPING=1"));
     assert!(wait_exit(&mut child.0, LONG).success());
 }
 

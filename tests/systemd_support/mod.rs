@@ -85,18 +85,53 @@ impl NotifySocket {
         what: &str,
         f: impl Fn(&Message) -> bool,
     ) -> Message {
+        self.try_wait_for(within, f).unwrap_or_else(|| {
+            panic!(
+                "no notification {what} within {within:?}; got {:?}",
+                self.seen.iter().map(|m| &m.lines).collect::<Vec<_>>()
+            )
+        })
+    }
+
+    /// Like `wait_for`, naming the daemon process waited for: when nothing
+    /// comes, the panic says whether that process still runs.
+    pub fn wait_from(
+        &mut self,
+        child: &mut Child,
+        within: Duration,
+        what: &str,
+        f: impl Fn(&Message) -> bool,
+    ) -> Message {
+        match self.try_wait_for(within, f) {
+            Some(m) => m,
+            None => panic!(
+                "no notification {what} within {within:?} (jobd: {}); got {:?}",
+                match child.try_wait() {
+                    Ok(Some(s)) => format!("exited, {s}"),
+                    Ok(None) => "still running".to_string(),
+                    Err(e) => format!("unknown: {e}"),
+                },
+                self.seen.iter().map(|m| &m.lines).collect::<Vec<_>>()
+            ),
+        }
+    }
+
+    /// Receive until a message satisfies `f`, at most `within`.
+    pub fn try_wait_for(
+        &mut self,
+        within: Duration,
+        f: impl Fn(&Message) -> bool,
+    ) -> Option<Message> {
         let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "no notification {what} within {within:?}; got {:?}",
-                self.seen.iter().map(|m| &m.lines).collect::<Vec<_>>()
-            );
+            if left.is_zero() {
+                return None;
+            }
             if let Some(m) = self.recv(left)
                 && f(&m)
             {
-                return m;
+                return Some(m);
             }
         }
     }
