@@ -274,6 +274,21 @@ pub fn run(cfg: Config, over: Overrides, service: ServiceEnv) -> Result<(), Daem
         };
         server::serve(settings, listen, handle, hooks).await
     });
+    let result = finish(served, runtime);
+    // STOPPING=1 and friends go out on their own thread: send them before
+    // the process ends.
+    notifier.flush(NOTIFY_FLUSH);
+    result
+}
+
+/// How long the last sd_notify messages may take at exit.
+const NOTIFY_FLUSH: Duration = Duration::from_secs(1);
+
+/// After serving: wait for the runtime's threads, or stop it on an error.
+fn finish(
+    served: Result<server::Stopped, ServerError>,
+    runtime: Runtime,
+) -> Result<(), DaemonError> {
     match served {
         Err(e) => {
             let _ = runtime.shutdown(Duration::from_secs(1));

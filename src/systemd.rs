@@ -297,11 +297,22 @@ const NOTIFY_QUEUE: usize = 256;
 /// send to a busy service manager can block, and the heartbeat that pings
 /// the watchdog runs on the Dispatcher's loop, which must never block.
 /// A stalled Dispatcher still stops the pings: it is what produces them.
+/// Call `flush` before the process exits, or the last messages (STOPPING)
+/// may be lost with the thread.
 #[derive(Debug, Clone)]
 pub struct Notifier {
     /// To the sender thread; None when `NOTIFY_SOCKET` is not set (or the
     /// thread could not start).
-    tx: Option<crossbeam_channel::Sender<Vec<String>>>,
+    tx: Option<crossbeam_channel::Sender<Outgoing>>,
+}
+
+/// What the sender thread is asked to do.
+#[derive(Debug)]
+enum Outgoing {
+    /// Send one datagram with these `KEY=value` lines.
+    Lines(Vec<String>),
+    /// Say when everything queued before this is sent.
+    Flush(crossbeam_channel::Sender<()>),
 }
 
 impl Notifier {
@@ -310,12 +321,19 @@ impl Notifier {
         if std::env::var_os("NOTIFY_SOCKET").is_none_or(|v| v.is_empty()) {
             return Notifier { tx: None };
         }
-        let (tx, rx) = crossbeam_channel::bounded::<Vec<String>>(NOTIFY_QUEUE);
+        let (tx, rx) = crossbeam_channel::bounded::<Outgoing>(NOTIFY_QUEUE);
         let spawned = std::thread::Builder::new()
             .name("jobd-notify".into())
             .spawn(move || {
                 let mut warned = false;
-                for lines in rx {
+                for out in rx {
+                    let lines = match out {
+                        Outgoing::Lines(l) => l,
+                        Outgoing::Flush(done) => {
+                            let _ = done.send(());
+                            continue;
+                        }
+                    };
                     let states: Vec<NotifyState<'_>> =
                         lines.iter().map(|l| NotifyState::Custom(l)).collect();
                     if let Err(e) = sd_notify::notify(false, &states) {
@@ -354,8 +372,20 @@ impl Notifier {
             return;
         };
         let lines = states.iter().map(ToString::to_string).collect();
-        if tx.try_send(lines).is_err() {
+        if tx.try_send(Outgoing::Lines(lines)).is_err() {
             tracing::debug!("sd_notify queue full: message dropped");
+        }
+    }
+
+    /// Wait (at most `within`) until every message queued so far is sent:
+    /// before the process exits.
+    pub fn flush(&self, within: Duration) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        if tx.send_timeout(Outgoing::Flush(done_tx), within).is_ok() {
+            let _ = done_rx.recv_timeout(within);
         }
     }
 
