@@ -1,6 +1,7 @@
 //! Who may use the socket: the `[auth]` allow-lists resolved at start-up
 //! (group names looked up once), checked against each connection's peer
-//! credentials (`SO_PEERCRED`). Also the group lookup used for
+//! credentials (`SO_PEERCRED`), and `LiveAuth`, the lists in effect, which
+//! a configuration reload replaces. Also the group lookup used for
 //! `socket_group`.
 
 use std::collections::HashSet;
@@ -45,6 +46,33 @@ impl Auth {
             return true;
         }
         peer.is_some_and(|p| self.uids.contains(&p.uid) || self.gids.contains(&p.gid))
+    }
+}
+
+/// The allow-lists in effect, shared by every session and replaced as a
+/// whole by a configuration reload (SIGHUP). Sessions check them on every
+/// request, so a reload takes effect at once, on open connections too.
+#[derive(Debug, Default)]
+pub struct LiveAuth(std::sync::RwLock<Auth>);
+
+impl LiveAuth {
+    /// Start with these lists.
+    pub fn new(auth: Auth) -> LiveAuth {
+        LiveAuth(std::sync::RwLock::new(auth))
+    }
+
+    /// May this peer send requests (under the lists in effect now)?
+    pub fn allows(&self, peer: Option<&Peer>) -> bool {
+        // Nobody panics while holding the lock; a poisoned value is whole.
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .allows(peer)
+    }
+
+    /// Put new lists in effect.
+    pub fn set(&self, auth: Auth) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = auth;
     }
 }
 

@@ -1,20 +1,27 @@
 //! Start-up and the daemon's life: from a loaded `Config` to a running
 //! server and back. Resolves the state directory and socket path, checks
-//! the socket, builds the runtime (store, pools, kinds, retention; the
-//! store recovers before the socket accepts), serves on an
-//! actix System on the calling thread until a signal, then waits for the
-//! runtime to stop.
+//! the socket (or takes the one socket activation passed), builds the
+//! runtime (store, pools, kinds, retention; the store recovers before the
+//! socket accepts; the systemd heartbeat rides on the Dispatcher's loop),
+//! serves on an actix System on the calling thread until a signal, then
+//! waits for the runtime to stop. Wires the systemd notifications (READY,
+//! STOPPING) and the SIGHUP reload into the server.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use jobd_actors::{
-    PoolConfig, Retention, Runtime, ShutdownError, SqliteStore, SqliteSync, StartError, Store,
+    Heartbeat, PoolConfig, Retention, Runtime, ShutdownError, SqliteStore, SqliteSync, StartError,
+    Store,
 };
 
-use crate::auth::{Auth, resolve_group};
-use crate::config::{Config, Durability, GroupRef};
-use crate::server::{self, ServerError, Settings};
+use crate::auth::{Auth, LiveAuth, resolve_group};
+use crate::config::{Config, Durability, GroupRef, Overrides};
+use crate::reload::Reloader;
+use crate::server::{self, Hooks, Listen, ServerError, Settings};
+use crate::systemd::{self, Notifier, ServiceEnv, StatusNote};
 use crate::{kinds, paths};
 
 /// How long to wait for pool threads after the runtime stopped.
@@ -52,6 +59,9 @@ pub enum DaemonError {
     /// A second signal cut the drain short.
     #[error("stopped without waiting for running jobs (second signal)")]
     Forced,
+    /// The service manager passed a socket that cannot be used.
+    #[error("{0}")]
+    Activation(String),
 }
 
 /// The state directory: config (or `--state-dir`), else the default.
@@ -119,9 +129,19 @@ fn open_store(
     Ok(Some(Box::new(store)))
 }
 
+/// A heartbeat callback for the Dispatcher's loop.
+type HeartbeatHook = (Duration, Box<dyn FnMut(Heartbeat) + Send>);
+
 /// Build the runtime the configuration describes.
-fn build_runtime(cfg: &Config, state_dir: &std::path::Path) -> Result<Runtime, DaemonError> {
+fn build_runtime(
+    cfg: &Config,
+    state_dir: &std::path::Path,
+    heartbeat: Option<HeartbeatHook>,
+) -> Result<Runtime, DaemonError> {
     let mut b = Runtime::builder();
+    if let Some((every, f)) = heartbeat {
+        b = b.heartbeat(every, f);
+    }
     if let Some(store) = open_store(cfg.durability, state_dir)? {
         b = b.store(store);
     }
@@ -140,9 +160,16 @@ fn build_runtime(cfg: &Config, state_dir: &std::path::Path) -> Result<Runtime, D
     Ok(b.start()?)
 }
 
-/// Run the daemon until SIGTERM/SIGINT and a clean drain.
-pub fn run(cfg: Config) -> Result<(), DaemonError> {
+/// Run the daemon until SIGTERM/SIGINT and a clean drain. `over` is the
+/// command-line layer `cfg` was loaded with (a reload applies it again);
+/// `service` is what systemd handed the process (see `systemd`).
+pub fn run(cfg: Config, over: Overrides, service: ServiceEnv) -> Result<(), DaemonError> {
     ignore_file_size_signal();
+    for note in &service.notes {
+        tracing::warn!("{note}");
+    }
+    let activated = service.activation.map_err(DaemonError::Activation)?;
+    let notifier = Notifier::from_env();
     let state_dir = state_dir(&cfg);
     create_state_dir(&state_dir).map_err(|source| DaemonError::StateDir {
         path: state_dir.clone(),
@@ -150,14 +177,29 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     })?;
     let socket = socket_path(&cfg, &state_dir);
     let auth = Auth::from_config(&cfg.auth).map_err(DaemonError::Group)?;
-    let socket_gid = match &cfg.socket_group {
-        None => None,
-        Some(g) => {
+    let listen = match activated {
+        Some(a) => {
+            tracing::info!(
+                fd = systemd::fd_of(&a),
+                name = %a.name,
+                path = %a.path.as_ref().map_or("(unnamed)".into(), |p| p.display().to_string()),
+                "socket activation: serving the socket the service manager passed \
+                 (socket, socket_mode and socket_group of the configuration are not used)"
+            );
+            Listen::Inherited(a.listener)
+        }
+        None => {
+            server::prepare_socket_path(&socket)?;
+            Listen::Bind
+        }
+    };
+    let socket_gid = match (&listen, &cfg.socket_group) {
+        (Listen::Bind, Some(g)) => {
             let g: GroupRef = g.parse().unwrap_or_else(|e| match e {});
             Some(resolve_group(&g).map_err(|e| DaemonError::Group(format!("socket_group: {e}")))?)
         }
+        _ => None,
     };
-    server::prepare_socket_path(&socket)?;
     server::raise_fd_limit();
     // Validated with the config; bound before the runtime starts so that a
     // busy port stops start-up at once.
@@ -170,13 +212,24 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             )));
         }
     };
-    let runtime = build_runtime(&cfg, &state_dir)?;
+    let note = StatusNote::default();
+    if let Some(w) = service.watchdog {
+        tracing::info!(
+            "systemd watchdog: {} ms, pinged every {} ms from the Dispatcher's loop",
+            w.as_millis(),
+            (w / 2).min(systemd::STATUS_EVERY).as_millis()
+        );
+    }
+    let heartbeat = systemd::heartbeat(notifier.clone(), service.watchdog, note.clone())
+        .map(|(every, f)| (every, Box::new(f) as Box<dyn FnMut(Heartbeat) + Send>));
+    let runtime = build_runtime(&cfg, &state_dir, heartbeat)?;
     tracing::info!(
         state_dir = %state_dir.display(),
         durability = cfg.durability.as_str(),
         pools = cfg.pool_list().len(),
         "runtime started"
     );
+    let auth = Arc::new(LiveAuth::new(auth));
     let settings = Settings {
         socket,
         socket_mode: cfg.socket_mode.0,
@@ -186,15 +239,56 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         max_connections: cfg.max_connections,
         idle_timeout: cfg.idle_timeout(),
         shutdown_timeout: Duration::from_secs(cfg.shutdown_timeout_secs),
-        auth,
+        auth: auth.clone(),
     };
     let handle = runtime.handle();
-    let served = actix_rt::System::new().block_on(async move {
+    let served = actix_rt::System::new().block_on(async {
         if let Some(m) = metrics {
             actix_rt::spawn(m.serve(handle.clone()));
         }
-        server::serve(settings, handle, || {}).await
+        let reloader = Reloader::new(
+            cfg,
+            over,
+            auth,
+            handle.clone(),
+            notifier.clone(),
+            note.clone(),
+        );
+        let ready = notifier.clone();
+        let stopping = notifier.clone();
+        let hooks = Hooks {
+            // The store has recovered (the runtime started) and the socket
+            // listens: clients that connect now are served.
+            ready: Some(Box::new(move || ready.ready("accepting connections"))),
+            stopping: Some(Box::new(move || {
+                note.set("draining: waiting for running jobs");
+                stopping.stopping("draining: waiting for running jobs");
+            })),
+            reload: Some(Box::new(move || {
+                let r = reloader.clone();
+                async move {
+                    let _ = r.reload().await;
+                }
+                .boxed_local()
+            })),
+        };
+        server::serve(settings, listen, handle, hooks).await
     });
+    let result = finish(served, runtime);
+    // STOPPING=1 and friends go out on their own thread: send them before
+    // the process ends.
+    notifier.flush(NOTIFY_FLUSH);
+    result
+}
+
+/// How long the last sd_notify messages may take at exit.
+const NOTIFY_FLUSH: Duration = Duration::from_secs(1);
+
+/// After serving: wait for the runtime's threads, or stop it on an error.
+fn finish(
+    served: Result<server::Stopped, ServerError>,
+    runtime: Runtime,
+) -> Result<(), DaemonError> {
     match served {
         Err(e) => {
             let _ = runtime.shutdown(Duration::from_secs(1));

@@ -10,7 +10,8 @@
 //! (socket, accept loop, shutdown), `auth` (allow-lists), `client` (the
 //! blocking client `jobctl` uses), `progress` and `top` (`jobctl`'s
 //! progress bars and dashboard), `kinds` (job kinds), `daemon` (start-up:
-//! config to running server).
+//! config to running server), `systemd` (sd_notify, watchdog, socket
+//! activation), `reload` (SIGHUP: apply a new configuration live).
 
 pub mod auth;
 pub mod client;
@@ -23,6 +24,8 @@ pub mod ops;
 pub mod paths;
 pub mod progress;
 pub mod protocol;
+pub mod reload;
 pub mod server;
 pub mod session;
+pub mod systemd;
 pub mod top;

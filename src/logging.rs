@@ -1,13 +1,18 @@
 //! Logging set-up: tracing-subscriber with an `EnvFilter` (`JOBD_LOG` first,
 //! then the configured `log_level`), text or JSON lines on stderr. No ANSI
 //! colours unless stderr is a terminal; no timestamps of our own when
-//! stderr is journald's stream (journald stamps every line itself).
+//! stderr is journald's stream (journald stamps every line itself). The
+//! filter sits behind a reload layer so that a configuration reload
+//! (SIGHUP) can change the level of a running daemon (`set_level`).
 
 use std::io::IsTerminal;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
+use std::sync::OnceLock;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 use crate::config::LogFormat;
 
@@ -54,26 +59,63 @@ fn filter(level: &str) -> Result<(EnvFilter, Option<String>), String> {
         .map_err(|e| format!("log_level {level:?}: {e}"))
 }
 
+/// Swaps the installed filter (set once by `init`).
+static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
 /// Install the global subscriber. Fails on a bad `log_level`; a bad
 /// `JOBD_LOG` falls back to `log_level` with a warning.
 pub fn init(level: &str, format: LogFormat) -> Result<(), String> {
     let (filter, warning) = filter(level)?;
     let ansi = std::io::stderr().is_terminal();
     let journal = stderr_is_journal();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .with_target(false);
-    let installed = match (format, journal) {
-        (LogFormat::Text, false) => builder.try_init(),
-        (LogFormat::Text, true) => builder.without_time().try_init(),
-        (LogFormat::Json, false) => builder.json().try_init(),
-        (LogFormat::Json, true) => builder.json().without_time().try_init(),
+    let fmt = match (format, journal) {
+        (LogFormat::Text, false) => fmt.boxed(),
+        (LogFormat::Text, true) => fmt.without_time().boxed(),
+        (LogFormat::Json, false) => fmt.json().boxed(),
+        (LogFormat::Json, true) => fmt.json().without_time().boxed(),
     };
-    installed.map_err(|e| format!("cannot install the logger: {e}"))?;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init()
+        .map_err(|e| format!("cannot install the logger: {e}"))?;
+    let _ = FILTER.set(handle);
     if let Some(w) = warning {
         tracing::warn!("{w}");
     }
     Ok(())
+}
+
+/// What `set_level` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LevelChange {
+    /// The new filter is in effect.
+    Applied,
+    /// `JOBD_LOG` is set (and valid): it keeps winning over `log_level`.
+    EnvWins,
+}
+
+/// Replace the running filter with `level` (a reload), unless `JOBD_LOG`
+/// overrides the configured level, as it does at start. An invalid `level`
+/// is an error and leaves the filter as it was.
+pub fn set_level(level: &str) -> Result<LevelChange, String> {
+    let new = EnvFilter::try_new(level).map_err(|e| format!("log_level {level:?}: {e}"))?;
+    let env_wins = std::env::var(LOG_ENV)
+        .ok()
+        .is_some_and(|s| !s.trim().is_empty() && EnvFilter::try_new(&s).is_ok());
+    if env_wins {
+        return Ok(LevelChange::EnvWins);
+    }
+    let handle = FILTER
+        .get()
+        .ok_or_else(|| "the logger is not installed".to_string())?;
+    handle
+        .reload(new)
+        .map_err(|e| format!("cannot change the log filter: {e}"))?;
+    Ok(LevelChange::Applied)
 }

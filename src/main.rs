@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use jobd::config::{Config, Durability, LogFormat, Overrides};
-use jobd::{daemon, logging};
+use jobd::{daemon, logging, systemd};
 
 /// jobd: an actor-based job daemon serving a Unix socket.
 ///
@@ -38,6 +38,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: the first thing main does, before any thread exists: it reads
+    // and removes the LISTEN_* and WATCHDOG_* variables.
+    #[allow(unsafe_code)]
+    let service = unsafe { systemd::take_service_env() };
     let args = Args::parse();
     let over = Overrides {
         config_file: args.config,
@@ -64,7 +68,7 @@ fn main() -> ExitCode {
         durability = loaded.config.durability.as_str(),
         "jobd starting"
     );
-    match daemon::run(loaded.config) {
+    match daemon::run(loaded.config, over, service) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("jobd: {e}");

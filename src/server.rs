@@ -1,7 +1,8 @@
 //! The socket server: socket hygiene (stale sockets replaced, live ones
 //! refused, mode and group set before `listen`, the file removed on exit),
-//! the accept loop with its connection cap, and the shutdown sequence on
-//! SIGTERM/SIGINT.
+//! or a socket inherited through socket activation (used as it is, never
+//! removed); the accept loop with its connection cap; SIGHUP handed to the
+//! daemon's reload hook; and the shutdown sequence on SIGTERM/SIGINT.
 //!
 //! Shutdown: stop accepting; from then on every new request is answered
 //! `shutting_down`; the runtime drains (running jobs get up to
@@ -21,7 +22,7 @@ use tokio::net::{UnixListener, UnixSocket, UnixStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Semaphore, mpsc, watch};
 
-use crate::auth::Auth;
+use crate::auth::LiveAuth;
 use crate::protocol::{Response, code};
 use crate::session::{Session, Shared};
 
@@ -79,8 +80,35 @@ pub struct Settings {
     pub idle_timeout: Option<Duration>,
     /// How long running jobs get to finish on shutdown.
     pub shutdown_timeout: Duration,
-    /// The allow-lists.
-    pub auth: Auth,
+    /// The allow-lists in effect (a reload replaces them).
+    pub auth: Arc<LiveAuth>,
+}
+
+/// Where the listening socket comes from.
+#[derive(Debug)]
+pub enum Listen {
+    /// Bind `Settings::socket` (mode and group from the settings); the file
+    /// is removed on exit.
+    Bind,
+    /// A socket that is already listening, passed by the service manager
+    /// (socket activation). Its file belongs to the socket unit: it is
+    /// neither changed nor removed.
+    Inherited(std::os::unix::net::UnixListener),
+}
+
+/// A future run by a hook on the server's own (single-threaded) System.
+pub type LocalTask = futures::future::LocalBoxFuture<'static, ()>;
+
+/// What the daemon wants to hear about while the server runs.
+#[derive(Default)]
+pub struct Hooks {
+    /// Called once the socket accepts connections.
+    pub ready: Option<Box<dyn FnOnce()>>,
+    /// Called when the drain begins (first SIGTERM/SIGINT).
+    pub stopping: Option<Box<dyn FnOnce()>>,
+    /// Run on SIGHUP, one run at a time (signals that arrive during a run
+    /// lead to one more run); not run once the drain began.
+    pub reload: Option<Box<dyn FnMut() -> LocalTask>>,
 }
 
 /// Make the socket's directory and clear the way for binding: a stale
@@ -144,8 +172,8 @@ impl SocketFile {
 struct Bound {
     /// Accepts connections.
     listener: UnixListener,
-    /// Removed on exit.
-    file: SocketFile,
+    /// Removed on exit; None for an inherited socket.
+    file: Option<SocketFile>,
 }
 
 impl Bound {
@@ -176,10 +204,28 @@ impl Bound {
             .map_err(cleanup)?;
         Ok(Bound {
             listener,
-            file: SocketFile {
+            file: Some(SocketFile {
                 path: path.clone(),
                 file_id: (meta.dev(), meta.ino()),
-            },
+            }),
+        })
+    }
+
+    /// Take over a listening socket passed by the service manager. Needs
+    /// the tokio runtime.
+    fn inherited(l: std::os::unix::net::UnixListener) -> Result<Bound, ServerError> {
+        let path = l
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            .unwrap_or_default();
+        let listener = l
+            .set_nonblocking(true)
+            .and_then(|()| UnixListener::from_std(l))
+            .map_err(io_err("cannot use the inherited socket", &path))?;
+        Ok(Bound {
+            listener,
+            file: None,
         })
     }
 }
@@ -226,16 +272,24 @@ pub enum Stopped {
     Forced,
 }
 
-/// Serve until SIGTERM or SIGINT, then drain and return. `ready` is called
-/// once the socket accepts connections.
+/// Serve until SIGTERM or SIGINT, then drain and return. `hooks.ready` is
+/// called once the socket accepts connections, `hooks.stopping` when the
+/// drain begins, `hooks.reload` on SIGHUP.
 pub async fn serve(
     s: Settings,
+    listen: Listen,
     handle: Handle,
-    ready: impl FnOnce(),
+    hooks: Hooks,
 ) -> Result<Stopped, ServerError> {
     let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signals)?;
-    let bound = Bound::new(&s)?;
+    // Installed before the socket accepts: a SIGHUP right after READY=1
+    // must reload, not kill (its default action).
+    let hup = signal(SignalKind::hangup()).map_err(ServerError::Signals)?;
+    let bound = match listen {
+        Listen::Bind => Bound::new(&s)?,
+        Listen::Inherited(l) => Bound::inherited(l)?,
+    };
     let (close_tx, close_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         handle: handle.clone(),
@@ -248,12 +302,18 @@ pub async fn serve(
     });
     let connections = Arc::new(Semaphore::new(s.max_connections));
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
-    tracing::info!(
-        "listening on {} (mode {:04o})",
-        bound.file.path.display(),
-        s.socket_mode
-    );
-    ready();
+    match &bound.file {
+        Some(f) => tracing::info!(
+            "listening on {} (mode {:04o})",
+            f.path.display(),
+            s.socket_mode
+        ),
+        None => tracing::info!("listening on the socket passed by the service manager"),
+    }
+    let reloads = actix_rt::spawn(reload_loop(hup, hooks.reload));
+    if let Some(ready) = hooks.ready {
+        ready();
+    }
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
@@ -277,6 +337,10 @@ pub async fn serve(
 
     // Stop admitting: new requests get shutting_down; nobody new connects.
     shared.draining.store(true, Ordering::Release);
+    reloads.abort();
+    if let Some(stopping) = hooks.stopping {
+        stopping();
+    }
     let Bound { listener, file } = bound;
     drop(listener);
     tracing::info!(
@@ -296,11 +360,28 @@ pub async fn serve(
     let _ = close_tx.send(true);
     drop(alive_tx);
     let _ = tokio::time::timeout(FLUSH_GRACE, alive_rx.recv()).await;
-    file.remove();
+    if let Some(file) = file {
+        file.remove();
+    }
     tracing::info!("stopped");
     Ok(if forced {
         Stopped::Forced
     } else {
         Stopped::Clean
     })
+}
+
+/// Run the reload hook on every SIGHUP, one run at a time. Signals that
+/// arrive during a run are merged by tokio into one more wake-up.
+async fn reload_loop(
+    mut hup: tokio::signal::unix::Signal,
+    mut reload: Option<Box<dyn FnMut() -> LocalTask>>,
+) {
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP received");
+        match &mut reload {
+            Some(run) => run().await,
+            None => tracing::info!("nothing to reload"),
+        }
+    }
 }

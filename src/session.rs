@@ -41,7 +41,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::auth::Auth;
+use crate::auth::LiveAuth;
 use crate::ops;
 use crate::protocol::{self, Response, code};
 
@@ -69,8 +69,8 @@ pub struct Shared {
     pub max_in_flight: usize,
     /// Close silent connections after this long; also the write-stall limit.
     pub idle_timeout: Option<Duration>,
-    /// The allow-lists.
-    pub auth: Auth,
+    /// The allow-lists in effect (a reload replaces them).
+    pub auth: Arc<LiveAuth>,
     /// Set once the daemon drains: new requests get `shutting_down`.
     pub draining: AtomicBool,
     /// Turns true when sessions must close (after the drain).
@@ -334,9 +334,6 @@ pub struct Session {
     shared: Arc<Shared>,
     /// The peer's credentials, if the OS told us.
     peer: Option<Peer>,
-    /// False when the allow-lists exclude the peer: every request gets
-    /// `forbidden`.
-    allowed: bool,
     /// The writer's queue; None once closing (so the writer can finish).
     outbox: Option<mpsc::Sender<Outgoing>>,
     /// The reader stream, cancelled when closing.
@@ -430,7 +427,6 @@ impl Session {
             Session {
                 shared,
                 peer,
-                allowed,
                 outbox: Some(tx),
                 reader: Some(reader),
                 reading_stopped: stopped_tx,
@@ -493,7 +489,9 @@ impl Session {
         }
         self.requests += 1;
         let parsed = protocol::parse(&line);
-        if !self.allowed {
+        // Checked per request: a reload that changes the lists applies to
+        // open connections too.
+        if !self.shared.auth.allows(self.peer.as_ref()) {
             let id = match &parsed {
                 Ok((id, _)) => id.clone(),
                 Err(r) => r.id.clone(),

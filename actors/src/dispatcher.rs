@@ -21,7 +21,10 @@ use serde_json::Value;
 use crate::context::{AttemptShared, Interrupt};
 use crate::error::JobError;
 use crate::job::{Attempt, ErrorInfo, JobId, JobRecord, JobSpec, JobState, now_ms};
-use crate::pool::{Failure, OFFER_DEPTH, PANIC_PREFIX, PoolConfig, PoolLink, RunJob, Worker};
+use crate::pool::{
+    Failure, OFFER_DEPTH, PANIC_PREFIX, PoolConfig, PoolLink, RunJob, ThreadCount, Worker,
+    start_pool,
+};
 use crate::registry::Registry;
 use crate::reply::{DirectReply, Outcome, Reply};
 use crate::stats::{KindTotals, PairTotals, PoolStats, StatsSnapshot, StoreStats, pool_breakdown};
@@ -126,6 +129,11 @@ pub(crate) struct PoolState {
     offered: Vec<(JobId, i32)>,
     /// What we last told the workers through `PoolLink::set_starving`.
     starving: bool,
+    /// Links of the pool's earlier sizes (see `resize`), each with how many
+    /// of its workers still run a job. Those workers take no new job (their
+    /// handoff slot stays empty) and exit after the one they have; a link
+    /// is dropped once none of its workers is busy.
+    retired: Vec<(Arc<PoolLink>, usize)>,
 }
 
 impl PoolState {
@@ -144,7 +152,13 @@ impl PoolState {
             link: Arc::default(),
             offered: Vec::new(),
             starving: false,
+            retired: Vec::new(),
         }
+    }
+
+    /// Workers of earlier sizes still running a job.
+    fn retiring(&self) -> usize {
+        self.retired.iter().map(|(_, busy)| busy).sum()
     }
 }
 
@@ -413,6 +427,8 @@ pub struct Dispatcher {
     recheck_queued: bool,
     /// Last token given to a waiter with an expiry.
     wait_tokens: u64,
+    /// Live worker threads, for the pools a resize starts.
+    threads: ThreadCount,
 }
 
 struct Closing {
@@ -427,6 +443,7 @@ impl Dispatcher {
         pools: Vec<PoolState>,
         retention: Retention,
         heartbeat: Option<(Duration, HeartbeatFn)>,
+        threads: ThreadCount,
     ) -> Self {
         let pool_names = pools
             .iter()
@@ -456,6 +473,7 @@ impl Dispatcher {
             recovered: None,
             recheck_queued: false,
             wait_tokens: 0,
+            threads,
         }
     }
 
@@ -781,6 +799,17 @@ impl Dispatcher {
         for i in 0..self.pools.len() {
             while let Some(report) = self.pools[i].link.next_report() {
                 self.on_report(report, ctx);
+            }
+            let mut k = 0;
+            while k < self.pools[i].retired.len() {
+                while let Some(report) = self.pools[i].retired[k].0.next_report() {
+                    self.on_retired_report(i, k, report, ctx);
+                }
+                if self.pools[i].retired[k].1 == 0 {
+                    self.pools[i].retired.swap_remove(k);
+                } else {
+                    k += 1;
+                }
             }
         }
     }
@@ -1338,6 +1367,7 @@ impl Dispatcher {
                         threads: p.cfg.threads,
                         busy: p.cfg.threads - p.idle,
                         idle: p.idle,
+                        retiring: p.retiring(),
                         queued: p.queued,
                         delayed: p.delayed,
                         running: p.running,
@@ -1370,10 +1400,102 @@ impl Dispatcher {
         }
     }
 
+    // ----- live pool changes ------------------------------------------------
+
+    /// Change a pool's admission limit at once and, when `threads` differs,
+    /// its size: a new SyncArbiter of `threads` workers with a new link
+    /// becomes the pool. The old link's offered jobs are taken back (those
+    /// a worker took first are running), so the old workers find nothing
+    /// more to take: each finishes the job it has (counted as `retiring`,
+    /// its report read from the retired link) and its thread exits once
+    /// the old address is dropped and its queue is empty. Queued jobs stay
+    /// queued and go to the new workers.
+    fn resize(
+        &mut self,
+        name: &str,
+        threads: usize,
+        max_queued: usize,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), JobError> {
+        if self.closing.is_some() {
+            return Err(JobError::ShuttingDown);
+        }
+        check_pool_shape(name, threads, max_queued)?;
+        let i = *self
+            .pool_names
+            .get(name)
+            .ok_or_else(|| JobError::UnknownPool(name.to_string()))?;
+        if threads != self.pools[i].cfg.threads {
+            let cfg = PoolConfig {
+                threads,
+                ..self.pools[i].cfg.clone()
+            };
+            let link: Arc<PoolLink> = Arc::default();
+            if self.store.is_some() {
+                link.set_eager();
+            }
+            let addr = start_pool(&cfg, i, ctx.address(), self.threads.clone(), link.clone())
+                .map_err(JobError::Internal)?;
+            self.revoke_offers(i, ctx);
+            let p = &mut self.pools[i];
+            let old = std::mem::replace(&mut p.link, link);
+            let busy = p.cfg.threads - p.idle;
+            if busy > 0 {
+                // Their reports must not wait for an unrelated message.
+                old.set_eager();
+                p.retired.push((old, busy));
+                self.recheck(ctx);
+            }
+            let p = &mut self.pools[i];
+            p.starving = false;
+            p.idle = threads;
+            p.cfg.threads = threads;
+            // Dropping the old address retires the old SyncArbiter.
+            p.addr = Some(addr);
+        }
+        self.pools[i].cfg.max_queued = max_queued;
+        self.pump(i, ctx);
+        Ok(())
+    }
+
+    /// Start a new pool while running. Jobs reach it through
+    /// `JobOptions::pool` (kinds keep the pool they were registered with).
+    fn add_pool(&mut self, cfg: PoolConfig, ctx: &mut Context<Self>) -> Result<(), JobError> {
+        if self.closing.is_some() {
+            return Err(JobError::ShuttingDown);
+        }
+        check_pool_shape(&cfg.name, cfg.threads, cfg.max_queued)?;
+        if self.pool_names.contains_key(&cfg.name) {
+            return Err(JobError::BadRequest(format!(
+                "pool '{}' already exists",
+                cfg.name
+            )));
+        }
+        let i = self.pools.len();
+        let mut state = PoolState::new(cfg);
+        if self.store.is_some() {
+            state.link.set_eager();
+        }
+        let addr = start_pool(
+            &state.cfg,
+            i,
+            ctx.address(),
+            self.threads.clone(),
+            state.link.clone(),
+        )
+        .map_err(JobError::Internal)?;
+        state.addr = Some(addr);
+        self.pool_names.insert(state.cfg.name.clone(), i);
+        self.pools.push(state);
+        Ok(())
+    }
+
     // ----- shutdown --------------------------------------------------------
 
     fn all_idle(&self) -> bool {
-        self.pools.iter().all(|p| p.idle == p.cfg.threads)
+        self.pools
+            .iter()
+            .all(|p| p.idle == p.cfg.threads && p.retiring() == 0)
     }
 
     /// The drain is over (all workers idle, or the deadline passed): answer
@@ -1424,6 +1546,24 @@ impl Dispatcher {
         ctx.stop();
         actix::System::current().stop();
     }
+}
+
+/// A pool needs a name, a thread and room for one queued job.
+fn check_pool_shape(name: &str, threads: usize, max_queued: usize) -> Result<(), JobError> {
+    if name.is_empty() {
+        return Err(JobError::BadRequest("a pool needs a name".into()));
+    }
+    if threads == 0 {
+        return Err(JobError::BadRequest(format!(
+            "pool '{name}' needs at least one thread"
+        )));
+    }
+    if max_queued == 0 {
+        return Err(JobError::BadRequest(format!(
+            "pool '{name}': max_queued must be at least 1"
+        )));
+    }
+    Ok(())
 }
 
 /// One page of `records` matching `q` (filter, order, cursor, limit).
@@ -1590,6 +1730,30 @@ impl Dispatcher {
         if let Some(took) = msg.took {
             self.offer_taken(pool, took, ctx);
         }
+        self.settle(msg, ctx);
+    }
+
+    /// A report from a worker of an earlier size of `pool` (through the
+    /// retired link number `k`): no credit comes back, the worker's thread
+    /// exits, unless it took a job from its slot just before the resize
+    /// emptied it (that job was marked started then) and is busy with it.
+    fn on_retired_report(
+        &mut self,
+        pool: usize,
+        k: usize,
+        msg: AttemptDone,
+        ctx: &mut Context<Self>,
+    ) {
+        if msg.took.is_none() {
+            let busy = &mut self.pools[pool].retired[k].1;
+            *busy = busy.saturating_sub(1);
+        }
+        self.settle(msg, ctx);
+    }
+
+    /// What a report means for its job, then for the pool and a shutdown.
+    fn settle(&mut self, msg: AttemptDone, ctx: &mut Context<Self>) {
+        let pool = msg.pool;
         let current = self
             .active
             .get(&msg.id)
@@ -2069,6 +2233,8 @@ pub(crate) enum Query {
     List(ListQuery, Reply<ListPage>),
     Stats(Reply<StatsSnapshot>),
     Pause(String, bool, Reply<Result<(), JobError>>),
+    Resize(String, usize, usize, Reply<Result<(), JobError>>),
+    AddPool(PoolConfig, Reply<Result<(), JobError>>),
     Shutdown(Instant, Reply<()>),
     /// How many waiters an active job has (tests of waiter clean-up).
     #[cfg(test)]
@@ -2139,6 +2305,10 @@ impl Handler<Query> for Dispatcher {
                     r.send(Ok(()));
                 }
             },
+            Query::Resize(pool, threads, max_queued, r) => {
+                r.send(self.resize(&pool, threads, max_queued, ctx))
+            }
+            Query::AddPool(cfg, r) => r.send(self.add_pool(cfg, ctx)),
             Query::Shutdown(deadline, r) => {
                 if let Some(c) = &mut self.closing {
                     c.replies.push(r);

@@ -27,7 +27,7 @@ use crate::dispatcher::{
 };
 use crate::error::JobError;
 use crate::job::{JobId, JobOptions, JobRecord, JobSpec};
-use crate::pool::panic_message;
+use crate::pool::{PoolConfig, panic_message};
 use crate::reply::{CallWait, Outcome, Reply, call_reply};
 use crate::stats::StatsSnapshot;
 
@@ -304,6 +304,31 @@ impl Handle {
         self.query(|r| Query::Pause(pool.to_string(), paused, r), OP_TIMEOUT)?
     }
 
+    /// Change a pool's size and admission limit while it runs, without
+    /// dropping a job. `max_queued` applies at once (jobs already waiting
+    /// beyond it stay). A new `threads` count starts a new set of workers;
+    /// the old workers finish the job they have, take no new one and their
+    /// threads exit (`stats` shows them as `retiring` meanwhile). Errors:
+    /// `UnknownPool`, `BadRequest` (zero threads or `max_queued`),
+    /// `ShuttingDown`, `Internal` when the OS refuses the threads (the pool
+    /// then keeps its old size).
+    pub fn resize_pool(
+        &self,
+        pool: &str,
+        threads: usize,
+        max_queued: usize,
+    ) -> Result<(), JobError> {
+        let pool = pool.to_string();
+        self.query(|r| Query::Resize(pool, threads, max_queued, r), OP_TIMEOUT)?
+    }
+
+    /// Start a new pool while the runtime runs. Jobs reach it through
+    /// `JobOptions::pool`; kinds keep the pool they were registered with.
+    /// `BadRequest` if the name is taken.
+    pub fn add_pool(&self, cfg: PoolConfig) -> Result<(), JobError> {
+        self.query(|r| Query::AddPool(cfg, r), OP_TIMEOUT)?
+    }
+
     // ----- jobs, async -------------------------------------------------------
 
     /// Async `call`: resolves with the job's typed result. Dropping the
@@ -507,6 +532,23 @@ impl Handle {
     pub(crate) fn waiter_count(&self, id: JobId) -> usize {
         self.query(|r| Query::Waiters(id, r), OP_TIMEOUT)
             .unwrap_or(usize::MAX)
+    }
+
+    /// Async `resize_pool`.
+    pub async fn resize_pool_async(
+        &self,
+        pool: &str,
+        threads: usize,
+        max_queued: usize,
+    ) -> Result<(), JobError> {
+        let pool = pool.to_string();
+        self.query_async(|r| Query::Resize(pool, threads, max_queued, r))
+            .await?
+    }
+
+    /// Async `add_pool`.
+    pub async fn add_pool_async(&self, cfg: PoolConfig) -> Result<(), JobError> {
+        self.query_async(|r| Query::AddPool(cfg, r)).await?
     }
 
     /// Start the shutdown drain; resolves when the System is stopping.

@@ -191,6 +191,13 @@ impl ThreadCount {
         *self.lock() += n;
     }
 
+    /// Take back `n` counted threads that were never spawned.
+    fn sub(&self, n: usize) {
+        let mut c = self.lock();
+        *c = c.saturating_sub(n);
+        self.0.1.notify_all();
+    }
+
     /// A guard for a thread counted by `add`.
     pub(crate) fn guard(&self) -> ThreadGuard {
         ThreadGuard(self.clone())
@@ -352,34 +359,54 @@ pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Start a pool's SyncArbiter. Must run inside the actix System.
+/// Start a pool's SyncArbiter, its workers sharing `link` with the
+/// Dispatcher. Must run inside the actix System.
+///
+/// Each thread is counted right before it is spawned, so a shutdown right
+/// after start still waits for it. actix panics when the OS refuses a
+/// thread; that panic is caught here: the threads already started exit
+/// (their queue's sender is gone), the one that failed is uncounted, and
+/// the error is returned instead of taking the Dispatcher down.
 pub(crate) fn start_pool(
     cfg: &PoolConfig,
     pool_index: usize,
     dispatcher: Addr<Dispatcher>,
     threads: ThreadCount,
     link: Arc<PoolLink>,
-) -> Addr<Worker> {
+) -> Result<Addr<Worker>, String> {
     let name: Arc<str> = Arc::from(cfg.name.as_str());
     let counter = AtomicUsize::new(0);
-    threads.add(cfg.threads);
     let thread_name = name.clone();
-    SyncArbiter::start_with_thread_builder(
-        cfg.threads,
-        move || {
-            let n = counter.fetch_add(1, Ordering::Relaxed);
-            std::thread::Builder::new().name(format!("jobd-{thread_name}-{n}"))
-        },
-        move || Worker {
-            pool: name.clone(),
-            dispatcher: dispatcher.clone(),
-            pool_index,
-            link: link.clone(),
-            // Workers are never stopped (panics are caught), so actix calls
-            // this factory exactly once per thread: one guard per add().
-            _guard: ThreadGuard(threads.clone()),
-        },
-    )
+    let counted = threads.clone();
+    let spawned = catch_unwind(AssertUnwindSafe(|| {
+        SyncArbiter::start_with_thread_builder(
+            cfg.threads,
+            || {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                counted.add(1);
+                std::thread::Builder::new().name(format!("jobd-{thread_name}-{n}"))
+            },
+            move || Worker {
+                pool: name.clone(),
+                dispatcher: dispatcher.clone(),
+                pool_index,
+                link: link.clone(),
+                // Workers are never stopped (panics are caught), so actix
+                // calls this factory exactly once per thread: one guard per
+                // thread counted above.
+                _guard: ThreadGuard(threads.clone()),
+            },
+        )
+    }));
+    spawned.map_err(|panic| {
+        // The thread whose spawn failed was counted but never started.
+        counted.sub(1);
+        format!(
+            "cannot start the threads of pool '{}': {}",
+            cfg.name,
+            panic_message(panic.as_ref())
+        )
+    })
 }
 
 /// How long a shutdown waits for threads that already left their loop.

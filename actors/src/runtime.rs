@@ -199,7 +199,7 @@ impl RuntimeBuilder {
                     // address, then hand it theirs before any job exists.
                     let ctx = actix::Context::<Dispatcher>::new();
                     let addr = ctx.address();
-                    let addrs = states
+                    let addrs: Result<Vec<_>, String> = states
                         .iter()
                         .enumerate()
                         .map(|(i, p)| {
@@ -207,7 +207,26 @@ impl RuntimeBuilder {
                             start_pool(&p.cfg, i, addr.clone(), worker_threads.clone(), link)
                         })
                         .collect();
-                    let dispatcher = Dispatcher::new(registry, states, retention, heartbeat);
+                    let addrs = match addrs {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // The pools started so far go with their
+                            // addresses; their threads exit.
+                            let _ = ready_tx.send(Err(StartError::Spawn {
+                                what: "pool threads".into(),
+                                source: std::io::Error::other(e),
+                            }));
+                            actix::System::current().stop();
+                            return;
+                        }
+                    };
+                    let dispatcher = Dispatcher::new(
+                        registry,
+                        states,
+                        retention,
+                        heartbeat,
+                        worker_threads.clone(),
+                    );
                     let mut dispatcher = dispatcher;
                     dispatcher.set_pool_addrs(addrs);
                     if let (Some(store), Some(recovered)) = (store, recovered) {
@@ -224,7 +243,7 @@ impl RuntimeBuilder {
                     }
                     let addr = ctx.run(dispatcher);
                     let handle = Handle::new(addr, actix_rt::Arbiter::current(), ids);
-                    let _ = ready_tx.send(handle);
+                    let _ = ready_tx.send(Ok(handle));
                 });
                 // Runs until the Dispatcher stops the System.
                 let _ = sys.run();
@@ -233,7 +252,14 @@ impl RuntimeBuilder {
                 what: "the jobd-system thread".into(),
                 source,
             })?;
-        let handle = ready_rx.recv().map_err(|_| StartError::Died)?;
+        let handle = match ready_rx.recv() {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                let _ = system_thread.join();
+                return Err(e);
+            }
+            Err(_) => return Err(StartError::Died),
+        };
         Ok(Runtime {
             handle,
             system_thread: Some(system_thread),

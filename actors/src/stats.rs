@@ -261,6 +261,10 @@ pub struct PoolStats {
     pub busy: usize,
     /// Threads free for the next job.
     pub idle: usize,
+    /// Threads of the pool's size before a resize, still finishing the job
+    /// they had; they take no new job and exit after it (not counted in
+    /// `threads`, `busy` or `idle`).
+    pub retiring: usize,
     /// Jobs ready to run, waiting for a thread.
     pub queued: usize,
     /// Jobs waiting for their run time or for dependencies.
