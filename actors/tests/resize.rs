@@ -101,7 +101,7 @@ fn shrinking_a_pool_lets_running_jobs_finish_then_runs_one_at_a_time() {
     for id in ids {
         let r = h.wait_record(id, LONG).unwrap();
         assert_eq!(r.state, JobState::Succeeded, "{r:?}");
-        assert_eq!(r.result, Some(serde_json::json!("shrink")));
+        assert_eq!(r.result.as_deref(), Some(&serde_json::json!("shrink")));
     }
     assert_threads_named("jobd-shrink-", 1);
     let after = &h.stats().unwrap().pools["shrink"];
@@ -263,8 +263,8 @@ fn a_pool_added_live_runs_jobs_sent_to_it() {
     gate.started();
     gate.release();
     let r = h.wait_record(id, LONG).unwrap();
-    assert_eq!(r.result, Some(serde_json::json!("extra")));
-    assert_eq!(r.pool, "extra");
+    assert_eq!(r.result.as_deref(), Some(&serde_json::json!("extra")));
+    assert_eq!(&*r.pool, "extra");
 
     assert!(matches!(
         h.add_pool(PoolConfig::new("extra", 1)),
