@@ -284,6 +284,25 @@ impl IntoIterator for Waiters {
     }
 }
 
+/// A job's `call` waiter, boxed: a reply slot is five words, and most
+/// queued jobs have none (or hand theirs to the attempt when they start).
+#[derive(Default)]
+struct Direct(Option<Box<DirectReply>>);
+
+impl Direct {
+    fn set(&mut self, d: Option<DirectReply>) {
+        self.0 = d.map(Box::new);
+    }
+
+    fn take(&mut self) -> Option<DirectReply> {
+        self.0.take().map(|b| *b)
+    }
+
+    fn is_none(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
 /// When a job became ready, in nanoseconds since the first job did: half
 /// the size of an `Instant`, in a struct there is one of per queued job.
 #[derive(Clone, Copy)]
@@ -321,7 +340,7 @@ struct Active {
     attempt: Option<Arc<AttemptShared>>,
     /// A `call` waiter while the job is not running (moves into the
     /// attempt while it runs).
-    direct: Option<DirectReply>,
+    direct: Direct,
     /// `wait` callers.
     waiters: Waiters,
     /// Dependencies not yet succeeded.
@@ -599,7 +618,7 @@ impl Dispatcher {
             ready_at: Stamp::now(),
             timer: None,
             attempt: None,
-            direct: None,
+            direct: Direct::default(),
             waiters: Waiters::default(),
             deps_left,
             held: false,
@@ -906,7 +925,7 @@ impl Dispatcher {
                 continue;
             };
             job.attempt = None;
-            job.direct = run.shared.take_direct();
+            job.direct.set(run.shared.take_direct());
             p.queue.push(QueueEntry {
                 priority: job.rec.priority,
                 seq: job.seq,
@@ -970,7 +989,7 @@ impl Dispatcher {
             // Retry: back to delayed with backoff; the direct waiter (if the
             // worker did not answer it) comes back with the job.
             if let Some(s) = shared {
-                job.direct = s.take_direct();
+                job.direct.set(s.take_direct());
             }
             let delay = job
                 .rec
@@ -997,7 +1016,7 @@ impl Dispatcher {
             if let Some(s) = shared
                 && job.direct.is_none()
             {
-                job.direct = s.take_direct();
+                job.direct.set(s.take_direct());
             }
             self.finish(id, state, None, ctx);
         }
@@ -1244,7 +1263,7 @@ impl Dispatcher {
                     a.error = Some(reason.to_string());
                 }
                 if let Some(s) = job.attempt.take() {
-                    job.direct = s.take_direct();
+                    job.direct.set(s.take_direct());
                 }
             }
             _ => return Ok(job.rec.clone()),
@@ -1330,7 +1349,7 @@ impl Dispatcher {
                 ready_at: Stamp::now(),
                 timer: None,
                 attempt: None,
-                direct: None,
+                direct: Direct::default(),
                 waiters: Waiters::default(),
                 deps_left: 0,
                 held: false,
@@ -1509,7 +1528,7 @@ impl Dispatcher {
             if let Some(s) = job.attempt.take() {
                 // Handlers still running past the deadline see is_cancelled().
                 if s.claim_interrupt(Interrupt::Abandoned) {
-                    job.direct = s.take_direct();
+                    job.direct.set(s.take_direct());
                 }
             }
             if let Some(d) = job.direct.take() {
@@ -1829,7 +1848,7 @@ impl Handler<Submit> for Dispatcher {
         }
         match self.check(id, spec) {
             Ok((mut job, delayed)) => {
-                job.direct = direct;
+                job.direct.set(direct);
                 if let Some(w) = waiter {
                     job.waiters.push(Waiter {
                         token: 0,
@@ -2593,7 +2612,7 @@ impl Dispatcher {
                     ready_at: Stamp::now(),
                     timer: None,
                     attempt: None,
-                    direct: None,
+                    direct: Direct::default(),
                     waiters: Waiters::default(),
                     deps_left: 0,
                     held: false,
