@@ -244,9 +244,14 @@ fn parse_fast_submit(line: &str) -> Option<(Value, Request)> {
 /// Parse one line. On success, the id to echo (null if the request had
 /// none) and the request.
 pub fn parse(line: &str) -> Result<(Value, Request), Rejected> {
-    if let Some(parsed) = parse_fast_submit(line) {
-        return Ok(parsed);
+    match parse_fast_submit(line) {
+        Some(parsed) => Ok(parsed),
+        None => parse_general(line),
     }
+}
+
+/// Any request: the line as a JSON tree first, then each op's fields.
+fn parse_general(line: &str) -> Result<(Value, Request), Rejected> {
     let value: Value = serde_json::from_str(line).map_err(|e| Rejected {
         id: Value::Null,
         error: ErrorInfo::new(code::BAD_JSON, format!("not valid JSON: {e}")),
@@ -787,6 +792,31 @@ mod tests {
         assert_eq!(job.options.backoff.unwrap().base_ms, 10);
         assert_eq!(job.options.backoff.unwrap().max_ms, 300_000);
         assert_eq!(job.options.after, vec![JobId(1), JobId(2)]);
+    }
+
+    #[test]
+    fn the_fast_submit_reads_what_the_general_path_reads() {
+        for line in [
+            r#"{"id":1,"op":"submit","job":{"kind":"echo","payload":"xxxx"},"wait":true}"#,
+            r#"{"wait":false,"job":{"payload":{"a":[1,2]},"kind":"echo","priority":-3},"op":"submit","id":"s"}"#,
+            r#"{"op":"submit","job":{"kind":"sleep","payload":{"ms":5},"pool":"io","delay_ms":10,
+               "timeout_ms":20,"max_attempts":2,"backoff":{"factor":3},"unique_key":"u","after":[4,"5"]}}"#,
+        ] {
+            let fast = parse_fast_submit(line).expect("read the fast way");
+            let general = parse_general(line).expect("read the general way");
+            assert_eq!(format!("{fast:?}"), format!("{general:?}"), "{line}");
+        }
+        // Anything the fast path does not take goes the general way, with
+        // its precise answers: a duplicate field (the last one counts), an
+        // id of the wrong type, another op.
+        let dup = r#"{"op":"submit","job":{"kind":"a"},"job":{"kind":"b"}}"#;
+        assert!(parse_fast_submit(dup).is_none());
+        let Request::Submit { job, .. } = ok(dup).1 else {
+            panic!()
+        };
+        assert_eq!(job.kind, "b");
+        assert!(parse_fast_submit(r#"{"id":[1],"op":"submit","job":{"kind":"a"}}"#).is_none());
+        assert!(parse_fast_submit(r#"{"op":"status","job":"1"}"#).is_none());
     }
 
     #[test]

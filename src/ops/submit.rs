@@ -168,3 +168,76 @@ pub(super) async fn submit_batch(
         .with("jobs", id_list)
         .with("outcomes", Value::Array(outcomes))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::executor::block_on;
+    use jobd_actors::{JobOptions, Runtime};
+
+    use super::*;
+
+    fn runtime() -> Runtime {
+        Runtime::builder()
+            .pool("default", 1)
+            .handler("echo", "default", |_, v: Value| Ok::<_, String>(v))
+            .handler("fail", "default", |_, _: Value| {
+                Err::<Value, _>("no luck".to_string())
+            })
+            .start()
+            .expect("runtime starts")
+    }
+
+    fn spec(kind: &str, unique_key: Option<&str>) -> JobSpec {
+        JobSpec {
+            kind: kind.into(),
+            payload: json!({"x": 1}),
+            options: JobOptions {
+                unique_key: unique_key.map(str::to_string),
+                ..JobOptions::default()
+            },
+        }
+    }
+
+    /// The answer as JSON, without the job id (it differs per job).
+    fn answer(r: &Response) -> Value {
+        let mut v: Value = serde_json::from_str(&r.to_line()).expect("answers are JSON");
+        if let Some(o) = v.as_object_mut() {
+            o.remove("job");
+        }
+        v
+    }
+
+    #[test]
+    fn the_direct_path_answers_as_the_acknowledged_path() {
+        let rt = runtime();
+        let h = rt.handle();
+        for (i, kind) in ["echo", "fail", "nope"].into_iter().enumerate() {
+            // Without a unique key: the direct path; with one: the
+            // acknowledged waiting path.
+            let direct = block_on(submit(&h, json!(i), spec(kind, None), true));
+            let key = format!("k{i}");
+            let acked = block_on(submit(&h, json!(i), spec(kind, Some(&key)), true));
+            assert_eq!(answer(&direct), answer(&acked), "kind {kind}");
+        }
+        let ok = block_on(submit(&h, json!(1), spec("echo", None), true));
+        assert_eq!(answer(&ok)["result"], json!({"x": 1}));
+        assert!(ok.to_line().contains("\"job\":\""), "{}", ok.to_line());
+        let failed = block_on(submit(&h, json!(2), spec("fail", None), true));
+        let v = answer(&failed);
+        assert_eq!(
+            (v["state"].clone(), v["error"]["code"].clone()),
+            (json!("failed"), json!("job_failed"))
+        );
+        // A refused submission names no job.
+        let refused = block_on(submit(&h, json!(3), spec("nope", None), true));
+        assert_eq!(refused.error_code(), Some("unknown_kind"));
+        assert!(
+            !refused.to_line().contains("\"job\""),
+            "{}",
+            refused.to_line()
+        );
+        rt.shutdown(Duration::from_secs(5)).expect("clean shutdown");
+    }
+}
