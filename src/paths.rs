@@ -3,7 +3,8 @@
 //!
 //! Socket: `--socket`, else `JOBD_SOCKET`, else
 //! `$XDG_RUNTIME_DIR/jobd/jobd.sock`, else `/run/jobd/jobd.sock` for root,
-//! else `<state dir>/jobd.sock`.
+//! else `<state dir>/jobd.sock`. `jobctl` falls back to the system-wide
+//! `/run/jobd/jobd.sock` when its default does not exist but that one does.
 //! State dir: `--state-dir`, else (config) , else `/var/lib/jobd` for root,
 //! else `$XDG_STATE_HOME/jobd`, else `~/.local/state/jobd`.
 
@@ -59,10 +60,26 @@ pub fn default_socket_path(state_dir: Option<&std::path::Path>) -> PathBuf {
         return d.join("jobd/jobd.sock");
     }
     if is_root() {
-        return PathBuf::from("/run/jobd/jobd.sock");
+        return PathBuf::from(SYSTEM_SOCKET);
     }
     state_dir
         .map(PathBuf::from)
         .unwrap_or_else(default_state_dir)
         .join("jobd.sock")
+}
+
+/// The system-wide socket of a jobd run by systemd (`jobd.socket`).
+pub const SYSTEM_SOCKET: &str = "/run/jobd/jobd.sock";
+
+/// The socket `jobctl` talks to when none is named: the same default as
+/// the daemon's, except that when that socket does not exist but the
+/// system-wide one does (a user in the `jobd` group, the daemon run by
+/// systemd), the system-wide one.
+pub fn client_socket_path() -> PathBuf {
+    let own = default_socket_path(None);
+    if own.exists() || std::env::var_os(SOCKET_ENV).is_some_and(|v| !v.is_empty()) {
+        return own;
+    }
+    let system = PathBuf::from(SYSTEM_SOCKET);
+    if system.exists() { system } else { own }
 }

@@ -294,7 +294,7 @@ fn run(cli: &Cli) -> anyhow::Result<Code> {
     let path = cli
         .socket
         .clone()
-        .unwrap_or_else(|| jobd::paths::default_socket_path(None));
+        .unwrap_or_else(jobd::paths::client_socket_path);
     let mut c = Client::connect(&path)?;
     let json = cli.json;
     match &cli.cmd {
