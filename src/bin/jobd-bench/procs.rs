@@ -16,6 +16,21 @@ use anyhow::{Context, Result, bail};
 /// How long a server gets to start.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Make a server die with this process, even when this one is killed
+/// before it can stop it (Ctrl-C, `kill`): nothing is left running.
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe, touches no
+    // memory of ours, and runs in the child between fork and exec.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
 /// A child process that is killed on drop.
 pub struct Server {
     /// The process.
@@ -75,7 +90,7 @@ pub fn jobd(
     let socket = dir.join(format!("{name}.sock"));
     let conf = dir.join(format!("{name}.toml"));
     std::fs::write(&conf, config)?;
-    let child = Command::new(bin)
+    let child = die_with_parent(&mut Command::new(bin))
         .arg("--config")
         .arg(&conf)
         .arg("--socket")
@@ -105,7 +120,7 @@ fn free_port() -> Result<u16> {
 /// Start beanstalkd on 127.0.0.1 and a free port with `args`; its address.
 pub fn beanstalkd(bin: &Path, args: &[&str]) -> Result<(Server, String)> {
     let port = free_port()?;
-    let child = Command::new(bin)
+    let child = die_with_parent(&mut Command::new(bin))
         .args(["-l", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
         .stdin(Stdio::null())
@@ -123,7 +138,7 @@ pub fn beanstalkd(bin: &Path, args: &[&str]) -> Result<(Server, String)> {
 /// Start this binary's echo server on `socket`.
 pub fn echo_server(socket: &Path) -> Result<Server> {
     let me = std::env::current_exe()?;
-    let child = Command::new(me)
+    let child = die_with_parent(&mut Command::new(me))
         .args(["--mode", "serve-echo", "--socket"])
         .arg(socket)
         .stdin(Stdio::null())
