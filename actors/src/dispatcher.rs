@@ -349,6 +349,25 @@ struct Active {
     held: bool,
 }
 
+impl Active {
+    /// A job that comes back into memory with its record (a retry, or
+    /// recovery from the store): no timer, attempt or waiter yet, committed.
+    fn resumed(rec: JobRecord, pool: usize) -> Box<Self> {
+        Box::new(Active {
+            rec,
+            pool,
+            seq: 0,
+            ready_at: Stamp::now(),
+            timer: None,
+            attempt: None,
+            direct: Direct::default(),
+            waiters: Waiters::default(),
+            deps_left: 0,
+            held: false,
+        })
+    }
+}
+
 /// The Dispatcher's side of the store: changes waiting to be committed,
 /// the batch in flight, and what to do once a batch is committed.
 pub(crate) struct StoreLink {
@@ -1340,21 +1359,7 @@ impl Dispatcher {
                 .entry((rec.kind.to_string(), key.to_string()))
                 .or_insert(id);
         }
-        self.active.insert(
-            id,
-            Box::new(Active {
-                rec,
-                pool,
-                seq: 0,
-                ready_at: Stamp::now(),
-                timer: None,
-                attempt: None,
-                direct: Direct::default(),
-                waiters: Waiters::default(),
-                deps_left: 0,
-                held: false,
-            }),
-        );
+        self.active.insert(id, Active::resumed(rec, pool));
         self.enqueue(id);
         self.pump(pool, ctx);
         self.persist(id, ctx);
@@ -2603,21 +2608,7 @@ impl Dispatcher {
                     .insert((rec.kind.to_string(), key.to_string()), id);
             }
             let state = rec.state;
-            self.active.insert(
-                id,
-                Box::new(Active {
-                    rec,
-                    pool,
-                    seq: 0,
-                    ready_at: Stamp::now(),
-                    timer: None,
-                    attempt: None,
-                    direct: Direct::default(),
-                    waiters: Waiters::default(),
-                    deps_left: 0,
-                    held: false,
-                }),
-            );
+            self.active.insert(id, Active::resumed(rec, pool));
             match state {
                 JobState::Queued => self.pools[pool].queued += 1,
                 _ => self.pools[pool].delayed += 1,
