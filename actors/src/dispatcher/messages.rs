@@ -1,0 +1,669 @@
+//! The Dispatcher's messages and their handlers: worker reports, submit,
+//! submit_batch, wait, wait_any, and the simple queries (status, cancel,
+//! retry, list, stats, pause, resize, shutdown).
+
+use super::*;
+
+// ----- messages ------------------------------------------------------------
+
+/// A worker finished an attempt (filed in its pool's report inbox).
+pub(crate) struct AttemptDone {
+    pub(crate) id: JobId,
+    pub(crate) attempt: u32,
+    pub(crate) pool: usize,
+    pub(crate) outcome: Result<Value, Failure>,
+    /// False when the Dispatcher had already ended the attempt (timeout,
+    /// cancel): then only the worker's credit comes back.
+    pub(crate) claimed: bool,
+    pub(crate) run_time: Duration,
+    /// The job (and attempt) the worker took from the handoff slot to run
+    /// next, if any: the worker stays busy.
+    pub(crate) took: Option<(JobId, u32)>,
+}
+
+/// A worker filed a report that someone waits for (see `pool`): read the
+/// report inboxes. Also sent to ourselves by `recheck`.
+pub(crate) struct Wake;
+
+impl Message for Wake {
+    type Result = ();
+}
+
+impl Handler<Wake> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, _: Wake, ctx: &mut Context<Self>) {
+        self.recheck_queued = false;
+        self.drain(ctx);
+    }
+}
+
+impl Dispatcher {
+    /// A worker's report of a finished attempt, read from its pool's inbox.
+    pub(super) fn on_report(&mut self, msg: AttemptDone, ctx: &mut Context<Self>) {
+        let pool = msg.pool;
+        self.pools[pool].idle += 1;
+        if let Some(took) = msg.took {
+            self.offer_taken(pool, took, ctx);
+        }
+        self.settle(msg, ctx);
+    }
+
+    /// A report from a worker of an earlier size of `pool` (through the
+    /// retired link number `k`): no credit comes back, the worker's thread
+    /// exits, unless it took a job from its slot just before the resize
+    /// emptied it (that job was marked started then) and is busy with it.
+    pub(super) fn on_retired_report(
+        &mut self,
+        pool: usize,
+        k: usize,
+        msg: AttemptDone,
+        ctx: &mut Context<Self>,
+    ) {
+        if msg.took.is_none() {
+            let busy = &mut self.pools[pool].retired[k].1;
+            *busy = busy.saturating_sub(1);
+        }
+        self.settle(msg, ctx);
+    }
+
+    /// What a report means for its job, then for the pool and a shutdown.
+    pub(super) fn settle(&mut self, msg: AttemptDone, ctx: &mut Context<Self>) {
+        let pool = msg.pool;
+        let current = self
+            .active
+            .get(&msg.id)
+            .is_some_and(|j| j.rec.state == JobState::Running && j.rec.attempt == msg.attempt);
+        if msg.claimed && current {
+            self.attempt_done(msg, ctx);
+        } else if current {
+            // The handler returned past its deadline (see `claim_finished`):
+            // time the attempt out now instead of when the timer fires.
+            self.on_timeout(msg.id, msg.attempt, ctx);
+        }
+        if self.closing.is_some() {
+            if self.all_idle() {
+                self.close_now(ctx);
+            }
+            return;
+        }
+        self.pump(pool, ctx);
+    }
+}
+
+/// Submit one job. `direct` is answered with the outcome (the `call` path);
+/// `ack` with the admission.
+pub(crate) struct Submit {
+    pub(crate) id: JobId,
+    pub(crate) spec: JobSpec,
+    pub(crate) ack: Option<Reply<Result<SubmitAck, JobError>>>,
+    pub(crate) direct: Option<DirectReply>,
+    /// Answered with the final record of the job (of the existing job when
+    /// deduplicated): a submit that also waits, in one trip.
+    pub(crate) waiter: Option<RecordWaiter>,
+}
+
+impl Message for Submit {
+    type Result = ();
+}
+
+impl Handler<Submit> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
+        self.drain(ctx);
+        let Submit {
+            id,
+            spec,
+            ack,
+            direct,
+            waiter,
+        } = msg;
+        if let Some(existing) = self.duplicate_of(&spec) {
+            if let Some(d) = direct {
+                self.add_waiter(
+                    existing,
+                    Reply::with(move |r: Result<JobRecord, JobError>| {
+                        d.send(r.and_then(|rec| outcome_of(&rec)))
+                    }),
+                    None,
+                    ctx,
+                );
+            }
+            if let Some(w) = waiter {
+                self.add_waiter(existing, w, None, ctx);
+            }
+            if let Some(a) = ack {
+                let state = self.record(existing).map_or(JobState::Queued, |r| r.state);
+                a.send(Ok(SubmitAck {
+                    id: existing,
+                    state,
+                    deduplicated: true,
+                }));
+            }
+            return;
+        }
+        match self.check(id, spec) {
+            Ok((mut job, delayed)) => {
+                job.direct.set(direct);
+                if let Some(w) = waiter {
+                    job.waiters.push(Waiter {
+                        token: 0,
+                        reply: w,
+                        timer: None,
+                    });
+                }
+                let answer = self.admit(job, delayed, ctx);
+                if self.store.is_some() {
+                    let id = answer.id;
+                    self.after_commit(Admission::One { id, ack, answer }, ctx);
+                } else if let Some(a) = ack {
+                    a.send(Ok(answer));
+                }
+            }
+            Err(e) => {
+                if let Some(d) = direct {
+                    d.send(Err(e.clone()));
+                }
+                if let Some(w) = waiter {
+                    w.send(Err(e.clone()));
+                }
+                if let Some(a) = ack {
+                    a.send(Err(e));
+                }
+            }
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Answer `w` once job `id` is final. A final (or unknown) job is
+    /// answered at once, from memory or the store. With a `timeout`, the
+    /// waiter is answered `WaitTimeout` and dropped when the job is not
+    /// final by then, so a client polling a job that never ends does not
+    /// pile up waiters.
+    pub(super) fn add_waiter(
+        &mut self,
+        id: JobId,
+        w: RecordWaiter,
+        timeout: Option<Duration>,
+        ctx: &mut Context<Self>,
+    ) {
+        if !self.active.contains_key(&id) {
+            // Final (in memory or only in the store), or unknown.
+            self.lookup(id, w);
+            return;
+        }
+        let (token, timer) = match timeout {
+            None => (0, None),
+            Some(t) if t.is_zero() => {
+                w.send(Err(JobError::WaitTimeout {
+                    id: Some(id),
+                    waited_ms: 0,
+                }));
+                return;
+            }
+            Some(t) => {
+                let token = self.next_wait_token();
+                let err = JobError::WaitTimeout {
+                    id: Some(id),
+                    waited_ms: t.as_millis() as u64,
+                };
+                let timer = ctx.run_later(t, move |act, _| act.expire_wait(token, &[id], err));
+                (token, Some(timer))
+            }
+        };
+        self.push_waiter(id, w, token, timer, ctx);
+    }
+
+    pub(super) fn next_wait_token(&mut self) -> u64 {
+        self.wait_tokens += 1;
+        self.wait_tokens
+    }
+
+    /// Add a waiter to an active job (or answer it from `lookup` when the
+    /// job is not active).
+    pub(super) fn push_waiter(
+        &mut self,
+        id: JobId,
+        reply: RecordWaiter,
+        token: u64,
+        timer: Option<SpawnHandle>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(job) = self.active.get_mut(&id) else {
+            if let Some(t) = timer {
+                ctx.cancel_future(t);
+            }
+            self.lookup(id, reply);
+            return;
+        };
+        // Throw away waiters nobody listens to any more (dropped futures),
+        // each time the list reaches a power of two: amortised O(1) per
+        // wait, and bounded however often a client gives up and waits again.
+        let n = job.waiters.len();
+        if n >= 8 && n.is_power_of_two() {
+            for w in std::mem::take(&mut job.waiters) {
+                if w.reply.is_gone() {
+                    if let Some(t) = w.timer {
+                        ctx.cancel_future(t);
+                    }
+                } else {
+                    job.waiters.push(w);
+                }
+            }
+        }
+        job.waiters.push(Waiter {
+            token,
+            reply,
+            timer,
+        });
+        // A started attempt must now report at once when it ends.
+        if let Some(a) = &job.attempt {
+            a.request_notify();
+            self.recheck(ctx);
+        }
+    }
+
+    /// A timed wait ran out: answer and remove its waiter from each job
+    /// that still has it.
+    pub(super) fn expire_wait(&mut self, token: u64, ids: &[JobId], err: JobError) {
+        for id in ids {
+            let Some(job) = self.active.get_mut(id) else {
+                continue;
+            };
+            if let Some(i) = job.waiters.iter().position(|w| w.token == token)
+                && let Some(w) = job.waiters.swap_remove(i)
+            {
+                w.reply.send(Err(err.clone()));
+            }
+        }
+    }
+
+    /// `WaitAny` once every id is known to exist: a final one answers at
+    /// once, else one shared reply waits on all of them.
+    pub(super) fn wait_any(
+        &mut self,
+        ids: Vec<JobId>,
+        reply: RecordWaiter,
+        timeout: Option<Duration>,
+        ctx: &mut Context<Self>,
+    ) {
+        if let Some(rec) = ids.iter().find_map(|id| self.finished.get(id)) {
+            reply.send(Ok(rec.clone()));
+            return;
+        }
+        if timeout.is_some_and(|t| t.is_zero()) {
+            reply.send(Err(JobError::WaitTimeout {
+                id: None,
+                waited_ms: 0,
+            }));
+            return;
+        }
+        let token = if timeout.is_some() {
+            self.next_wait_token()
+        } else {
+            0
+        };
+        // One reply shared by all: the first job to finish takes it; the
+        // other waiters then count as gone and are pruned.
+        let slot = Arc::new(std::sync::Mutex::new(Some(reply)));
+        for &id in &ids {
+            let (take, probe) = (slot.clone(), slot.clone());
+            let w = Reply::with_probe(
+                move |r| {
+                    let taken = take.lock().ok().and_then(|mut s| s.take());
+                    if let Some(reply) = taken {
+                        reply.send(r);
+                    }
+                },
+                move || {
+                    probe
+                        .lock()
+                        .map(|s| s.as_ref().is_none_or(|r| r.is_gone()))
+                        .unwrap_or(false)
+                },
+            );
+            self.push_waiter(id, w, token, None, ctx);
+        }
+        if let Some(t) = timeout {
+            let err = JobError::WaitTimeout {
+                id: None,
+                waited_ms: t.as_millis() as u64,
+            };
+            ctx.run_later(t, move |act, _| act.expire_wait(token, &ids, err));
+        }
+    }
+}
+
+/// Submit several jobs, all or nothing.
+pub(crate) struct SubmitBatch {
+    pub(crate) jobs: Vec<(JobId, JobSpec)>,
+    pub(crate) reply: Reply<Result<Vec<SubmitAck>, JobError>>,
+}
+
+impl Message for SubmitBatch {
+    type Result = ();
+}
+
+impl Handler<SubmitBatch> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: SubmitBatch, ctx: &mut Context<Self>) {
+        self.drain(ctx);
+        // Check everything first, counting what the batch itself adds to
+        // each pool, so a batch cannot overflow max_queued half-way.
+        let mut checked = Vec::with_capacity(msg.jobs.len());
+        let mut extra: HashMap<usize, usize> = HashMap::new();
+        for (i, (id, spec)) in msg.jobs.into_iter().enumerate() {
+            if let Some(existing) = self.duplicate_of(&spec) {
+                checked.push(Err(existing));
+                continue;
+            }
+            match self.check(id, spec) {
+                Ok((job, delayed)) => {
+                    let n = extra.entry(job.pool).or_default();
+                    *n += 1;
+                    let p = &self.pools[job.pool];
+                    if p.queued + p.delayed + *n > p.cfg.max_queued + p.idle {
+                        msg.reply.send(Err(JobError::QueueFull {
+                            pool: p.cfg.name.clone(),
+                            max_queued: p.cfg.max_queued,
+                        }));
+                        return;
+                    }
+                    checked.push(Ok((job, delayed)));
+                }
+                // Not the job's fault: the same answer a single submit gets,
+                // so the client knows to retry later.
+                Err(e @ (JobError::QueueFull { .. } | JobError::ShuttingDown)) => {
+                    msg.reply.send(Err(e));
+                    return;
+                }
+                Err(e) => {
+                    msg.reply
+                        .send(Err(JobError::BadRequest(format!("job {i}: {e}"))));
+                    return;
+                }
+            }
+        }
+        let mut new_ids = Vec::new();
+        let acks = checked
+            .into_iter()
+            .map(|c| match c {
+                Ok((job, delayed)) => {
+                    let ack = self.admit(job, delayed, ctx);
+                    new_ids.push(ack.id);
+                    ack
+                }
+                Err(existing) => SubmitAck {
+                    id: existing,
+                    state: self.record(existing).map_or(JobState::Queued, |r| r.state),
+                    deduplicated: true,
+                },
+            })
+            .collect();
+        if self.store.is_some() {
+            self.after_commit(
+                Admission::Batch {
+                    ids: new_ids,
+                    reply: msg.reply,
+                    answer: acks,
+                },
+                ctx,
+            );
+        } else {
+            msg.reply.send(Ok(acks));
+        }
+    }
+}
+
+/// Wait until a job is final; answered with its record.
+pub(crate) struct Wait {
+    pub(crate) id: JobId,
+    pub(crate) reply: RecordWaiter,
+    /// Answer `WaitTimeout` (and forget the waiter) if the job is not final
+    /// by then.
+    pub(crate) timeout: Option<Duration>,
+}
+
+impl Message for Wait {
+    type Result = ();
+}
+
+impl Handler<Wait> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: Wait, ctx: &mut Context<Self>) {
+        self.drain(ctx);
+        self.add_waiter(msg.id, msg.reply, msg.timeout, ctx);
+    }
+}
+
+/// Wait until any of several jobs is final.
+pub(crate) struct WaitAny {
+    pub(crate) ids: Vec<JobId>,
+    pub(crate) reply: RecordWaiter,
+    /// As for `Wait`.
+    pub(crate) timeout: Option<Duration>,
+}
+
+impl Message for WaitAny {
+    type Result = ();
+}
+
+impl Handler<WaitAny> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: WaitAny, ctx: &mut Context<Self>) {
+        self.drain(ctx);
+        let missing: Vec<JobId> = msg
+            .ids
+            .iter()
+            .copied()
+            .filter(|id| self.record(*id).is_none())
+            .collect();
+        let Some(&first_missing) = missing.first() else {
+            self.wait_any(msg.ids, msg.reply, msg.timeout, ctx);
+            return;
+        };
+        let Some(s) = &self.store else {
+            msg.reply
+                .send(Err(JobError::NotFound(first_missing.to_string())));
+            return;
+        };
+        // Not in memory: every one of them must be in the store (then it
+        // is final: the store's unfinished jobs are all in memory).
+        let me = ctx.address();
+        let WaitAny {
+            ids,
+            reply,
+            timeout,
+        } = msg;
+        s.addr.do_send(StoreRead::GetMany(
+            missing.clone(),
+            Reply::with(move |found| {
+                me.do_send(WaitAnyLoaded {
+                    ids,
+                    missing,
+                    found,
+                    reply,
+                    timeout,
+                })
+            }),
+        ));
+    }
+}
+
+/// The ids of a `WaitAny` that only the store may know, read back.
+pub(super) struct WaitAnyLoaded {
+    /// Every id of the `WaitAny`.
+    pub(super) ids: Vec<JobId>,
+    /// The ids that were not in memory, in the order read.
+    pub(super) missing: Vec<JobId>,
+    /// What the store holds for each of `missing`.
+    pub(super) found: Result<Vec<Option<JobRecord>>, StoreError>,
+    /// The waiter.
+    pub(super) reply: RecordWaiter,
+    /// The wait's timeout, started once the ids are known to exist.
+    pub(super) timeout: Option<Duration>,
+}
+
+impl Message for WaitAnyLoaded {
+    type Result = ();
+}
+
+impl Handler<WaitAnyLoaded> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: WaitAnyLoaded, ctx: &mut Context<Self>) {
+        self.drain(ctx);
+        let found = match msg.found {
+            Ok(f) => f,
+            Err(e) => return msg.reply.send(Err(JobError::Unavailable(e.0))),
+        };
+        let mut done = None;
+        for (id, rec) in msg.missing.iter().zip(found) {
+            match rec {
+                // Known in memory by now (retried meanwhile): fine.
+                None if self.record(*id).is_some() => {}
+                None => return msg.reply.send(Err(JobError::NotFound(id.to_string()))),
+                Some(r) if r.state.is_final() && self.record(*id).is_none() => {
+                    done.get_or_insert(r);
+                }
+                Some(_) => {}
+            }
+        }
+        match done {
+            Some(rec) => msg.reply.send(Ok(rec)),
+            None => self.wait_any(msg.ids, msg.reply, msg.timeout, ctx),
+        }
+    }
+}
+
+/// Simple request/response operations on one job or on the whole state.
+pub(crate) enum Query {
+    Status(JobId, Reply<Result<JobRecord, JobError>>),
+    Cancel(JobId, Reply<Result<JobRecord, JobError>>),
+    Retry(JobId, Reply<Result<JobRecord, JobError>>),
+    List(ListQuery, Reply<ListPage>),
+    Stats(Reply<StatsSnapshot>),
+    Pause(String, bool, Reply<Result<(), JobError>>),
+    Resize(String, usize, usize, Reply<Result<(), JobError>>),
+    AddPool(PoolConfig, Reply<Result<(), JobError>>),
+    Shutdown(Instant, Reply<()>),
+    /// How many waiters an active job has (tests of waiter clean-up).
+    #[cfg(test)]
+    Waiters(JobId, Reply<usize>),
+}
+
+impl Message for Query {
+    type Result = ();
+}
+
+impl Handler<Query> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: Query, ctx: &mut Context<Self>) {
+        self.drain(ctx);
+        match msg {
+            Query::Status(id, r) => self.lookup(id, r),
+            Query::Cancel(id, r) if !self.active.contains_key(&id) => self.lookup(id, r),
+            Query::Cancel(id, r) => r.send(self.cancel(id, "cancelled by request", ctx)),
+            Query::Retry(id, r) if self.record(id).is_none() && self.store.is_some() => {
+                // Finished long ago: fetch it from the store, then retry.
+                let me = ctx.address();
+                if let Some(s) = &self.store {
+                    s.addr.do_send(StoreRead::Get(
+                        id,
+                        Reply::with(move |found| {
+                            me.do_send(RetryLoaded {
+                                id,
+                                found,
+                                reply: r,
+                            })
+                        }),
+                    ));
+                }
+            }
+            Query::Retry(id, r) => r.send(self.retry(id, ctx)),
+            Query::List(q, r) => match &self.store {
+                None => r.send(self.list(&q)),
+                Some(s) => {
+                    let me = ctx.address();
+                    let query = q.clone();
+                    s.addr.do_send(StoreRead::List(
+                        q,
+                        Reply::with(move |page| {
+                            me.do_send(ListLoaded {
+                                q: query,
+                                page,
+                                reply: r,
+                            })
+                        }),
+                    ));
+                }
+            },
+            Query::Stats(r) => r.send(self.snapshot()),
+            #[cfg(test)]
+            Query::Waiters(id, r) => r.send(self.active.get(&id).map_or(0, |j| j.waiters.len())),
+            Query::Pause(pool, paused, r) => match self.pool_names.get(&pool).copied() {
+                None => r.send(Err(JobError::UnknownPool(pool))),
+                Some(i) => {
+                    self.pools[i].paused = paused;
+                    self.persist_change(Change::Paused(pool.clone(), paused), ctx);
+                    if paused {
+                        self.revoke_offers(i, ctx);
+                        self.update_starving(i, ctx);
+                    } else if self.closing.is_none() {
+                        self.pump(i, ctx);
+                    }
+                    r.send(Ok(()));
+                }
+            },
+            Query::Resize(pool, threads, max_queued, r) => {
+                r.send(self.resize(&pool, threads, max_queued, ctx))
+            }
+            Query::AddPool(cfg, r) => r.send(self.add_pool(cfg, ctx)),
+            Query::Shutdown(deadline, r) => {
+                if let Some(c) = &mut self.closing {
+                    c.replies.push(r);
+                    return;
+                }
+                self.closing = Some(Closing {
+                    replies: vec![r],
+                    stop_requested: false,
+                });
+                // Offered jobs go back to the queue, and from now on every
+                // report wakes us: the drain ends when the last worker is
+                // idle.
+                for i in 0..self.pools.len() {
+                    self.revoke_offers(i, ctx);
+                    self.pools[i].link.set_eager();
+                }
+                self.recheck(ctx);
+                // Jobs that have not started will not start: answer their
+                // waiters now. Running ones finish up to the deadline.
+                for job in self.active.values_mut() {
+                    if job.rec.state != JobState::Running {
+                        if let Some(d) = job.direct.take() {
+                            d.send(Err(JobError::ShuttingDown));
+                        }
+                        for w in job.waiters.take() {
+                            w.send(Err(JobError::ShuttingDown), ctx);
+                        }
+                    }
+                }
+                if self.all_idle() {
+                    self.close_now(ctx);
+                } else {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    ctx.run_later(left, |act, ctx| {
+                        act.drain(ctx);
+                        act.close_now(ctx)
+                    });
+                }
+            }
+        }
+    }
+}
