@@ -6,10 +6,9 @@
 // The shared harness predates the clippy rules these lints come from.
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{Daemon, jobctl_bin};
+use common::{Daemon, jobctl, jobctl_bin};
 use serde_json::{Value, json};
 
 const CONFIG: &str = r#"
@@ -20,18 +19,6 @@ allow = ["/bin/false", "/bin/echo"]
 [pools.io]
 threads = 1
 "#;
-
-/// Run jobctl against `socket` with `args`.
-fn jobctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(jobctl_bin())
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .env_remove("JOBD_SOCKET")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run jobctl")
-}
 
 fn code(o: &Output) -> i32 {
     o.status.code().expect("jobctl exited by a signal")

@@ -7,10 +7,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, jobctl_bin};
+use common::{Daemon, jobctl, jobctl_bin};
 use serde_json::json;
 
 const CONFIG: &str = r#"
@@ -19,17 +19,6 @@ threads = 2
 [pools.io]
 threads = 1
 "#;
-
-fn jobctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(jobctl_bin())
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .env_remove("JOBD_SOCKET")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run jobctl")
-}
 
 fn out(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

@@ -327,3 +327,16 @@ impl Client {
         self.writer.try_clone()
     }
 }
+
+/// Run `jobctl --socket SOCKET ARGS…` (no stdin, `JOBD_SOCKET` unset) and
+/// collect its output.
+pub fn jobctl(socket: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(jobctl_bin())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .env_remove("JOBD_SOCKET")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run jobctl")
+}

@@ -5,12 +5,12 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::{Client, jobctl_bin};
+use crate::common::Client;
 
 /// Arguments for a daemon with the SQLite store.
 pub const DURABLE: &[&str] = &["--durability", "os"];
@@ -128,17 +128,7 @@ pub fn num(id: &Value) -> u64 {
     id.as_str().expect("string id").parse().expect("numeric id")
 }
 
-/// Run jobctl against `socket`.
-pub fn jobctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(jobctl_bin())
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .env_remove("JOBD_SOCKET")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run jobctl")
-}
+pub use crate::common::jobctl;
 
 /// Assert jobctl's exit code, showing its output when it differs; stdout.
 pub fn expect_code(o: &Output, want: i32) -> String {
