@@ -357,9 +357,9 @@ struct Active {
 }
 
 impl Active {
-    /// A job that comes back into memory with its record (a retry, or
-    /// recovery from the store): no timer, attempt or waiter yet, committed.
-    fn resumed(rec: JobRecord, pool: usize) -> Box<Self> {
+    /// A job in memory with its record (new, retried, or recovered from
+    /// the store): no timer, attempt, waiter or dependency yet, not held.
+    fn new(rec: JobRecord, pool: usize) -> Box<Self> {
         Box::new(Active {
             rec,
             pool,
@@ -637,18 +637,8 @@ impl Dispatcher {
             finished_at: None,
             submitted_by: opts.submitted_by,
         };
-        let active = Box::new(Active {
-            rec,
-            pool,
-            seq: 0,
-            ready_at: Stamp::now(),
-            timer: None,
-            attempt: None,
-            direct: Direct::default(),
-            waiters: Waiters::default(),
-            deps_left,
-            held: false,
-        });
+        let mut active = Active::new(rec, pool);
+        active.deps_left = deps_left;
         Ok((active, !delay.is_zero()))
     }
 
@@ -1366,7 +1356,7 @@ impl Dispatcher {
                 .entry((rec.kind.to_string(), key.to_string()))
                 .or_insert(id);
         }
-        self.active.insert(id, Active::resumed(rec, pool));
+        self.active.insert(id, Active::new(rec, pool));
         self.enqueue(id);
         self.pump(pool, ctx);
         self.persist(id, ctx);

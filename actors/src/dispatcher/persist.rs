@@ -236,7 +236,7 @@ impl Dispatcher {
                     .insert((rec.kind.to_string(), key.to_string()), id);
             }
             let state = rec.state;
-            self.active.insert(id, Active::resumed(rec, pool));
+            self.active.insert(id, Active::new(rec, pool));
             match state {
                 JobState::Queued => self.pools[pool].queued += 1,
                 _ => self.pools[pool].delayed += 1,
