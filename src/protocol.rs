@@ -196,7 +196,8 @@ fn bad_request(message: impl Into<String>) -> ErrorInfo {
     ErrorInfo::new(code::BAD_REQUEST, message)
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// How a JSON value's type reads in an error message ("a string", …).
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::exec::{ChildSpec, ExecConfig, job_deadline, run_child};
+use crate::protocol::type_name;
 
 /// Kind names that belong to built-in kinds and cannot be redefined.
 pub const RESERVED_KINDS: [&str; 3] = ["exec", "echo", "sleep"];
@@ -199,17 +200,6 @@ impl Template {
                 type_name(other)
             )),
         }
-    }
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -104,18 +104,17 @@ impl Drop for Daemon {
     }
 }
 
-fn spawn_jobd(config: &Path, socket: &Path, state_dir: &Path, args: &[&str]) -> Child {
+/// `jobd` on a test's config, socket and state directory, with the
+/// environment cleared of what would change its behaviour (a socket to
+/// use, systemd's variables) and quiet logs unless `JOBD_TEST_LOG` says.
+fn jobd_command(config: &Path, socket: &Path, state_dir: &Path) -> Command {
     let mut cmd = Command::new(jobd_bin());
     cmd.arg("--config")
         .arg(config)
         .arg("--socket")
         .arg(socket)
         .arg("--state-dir")
-        .arg(state_dir);
-    if !args.contains(&"--durability") {
-        cmd.args(["--durability", "memory"]);
-    }
-    cmd.args(args)
+        .arg(state_dir)
         .env_remove("JOBD_SOCKET")
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")
@@ -124,9 +123,16 @@ fn spawn_jobd(config: &Path, socket: &Path, state_dir: &Path, args: &[&str]) -> 
             "JOBD_LOG",
             std::env::var("JOBD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
         )
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn jobd")
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn spawn_jobd(config: &Path, socket: &Path, state_dir: &Path, args: &[&str]) -> Child {
+    let mut cmd = jobd_command(config, socket, state_dir);
+    if !args.contains(&"--durability") {
+        cmd.args(["--durability", "memory"]);
+    }
+    cmd.args(args).spawn().expect("spawn jobd")
 }
 
 /// Send a signal to a child process.
@@ -221,26 +227,12 @@ fn spawn_jobd_env(
     env: &[(&str, &str)],
     stderr: Stdio,
 ) -> Child {
-    let mut cmd = Command::new(jobd_bin());
-    cmd.arg("--config")
-        .arg(config)
-        .arg("--socket")
-        .arg(socket)
-        .arg("--state-dir")
-        .arg(state_dir)
+    jobd_command(config, socket, state_dir)
         .args(["--durability", "memory"])
-        .env_remove("JOBD_SOCKET")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env(
-            "JOBD_LOG",
-            std::env::var("JOBD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
         .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stderr(stderr);
-    cmd.spawn().expect("spawn jobd")
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn jobd")
 }
 
 impl Daemon {
