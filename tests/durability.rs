@@ -195,21 +195,31 @@ fn sigkill_under_load_loses_no_acknowledged_job() {
     kill_cycles(5);
 }
 
+/// Run jobd to completion on a prepared state directory (it is expected
+/// to refuse to start).
+fn run_on_state(
+    dir: &std::path::Path,
+    state: &std::path::Path,
+    durability: &str,
+) -> std::process::Output {
+    Command::new(common::jobd_bin())
+        .arg("--socket")
+        .arg(dir.join("s.sock"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--durability", durability, "--config", "/dev/null"])
+        .env_remove("JOBD_SOCKET")
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn a_corrupt_store_stops_start_up_with_its_path() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     std::fs::write(state.join("jobs.db"), vec![0x5au8; 16384]).unwrap();
-    let out = Command::new(common::jobd_bin())
-        .arg("--socket")
-        .arg(dir.path().join("s.sock"))
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["--durability", "os", "--config", "/dev/null"])
-        .env_remove("JOBD_SOCKET")
-        .output()
-        .unwrap();
+    let out = run_on_state(dir.path(), &state, "os");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("jobs.db"), "message names the file: {err}");
@@ -228,15 +238,7 @@ fn an_unwritable_store_stops_start_up_with_its_path() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir_all(state.join("jobs.db")).unwrap(); // a directory, not a file
-    let out = Command::new(common::jobd_bin())
-        .arg("--socket")
-        .arg(dir.path().join("s.sock"))
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["--durability", "fsync", "--config", "/dev/null"])
-        .env_remove("JOBD_SOCKET")
-        .output()
-        .unwrap();
+    let out = run_on_state(dir.path(), &state, "fsync");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("jobs.db"), "message names the file: {err}");
