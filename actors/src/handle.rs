@@ -4,6 +4,7 @@
 //! bridge: `send` a message to any actor of the System, or `run` a future on
 //! it, from a plain thread.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -29,7 +30,7 @@ use crate::error::JobError;
 use crate::express::Express;
 use crate::job::{JobId, JobOptions, JobRecord, JobSpec};
 use crate::pool::{PoolConfig, panic_message};
-use crate::reply::{CallWait, Outcome, Reply, call_reply};
+use crate::reply::{CallWait, DirectReply, Outcome, Reply, call_reply};
 use crate::stats::StatsSnapshot;
 
 /// A cheap, cloneable way into the runtime, usable from any thread.
@@ -133,6 +134,36 @@ impl Handle {
         rx.await.map_err(|_| self.gone())
     }
 
+    /// Start job `id` whose outcome goes straight to `reply` (the worker
+    /// answers it): on the express lane while it is open for this job (see
+    /// `express`), otherwise through the Dispatcher.
+    fn start_direct(
+        &self,
+        id: JobId,
+        kind: Cow<'_, str>,
+        payload: Value,
+        options: JobOptions,
+        reply: DirectReply,
+    ) {
+        if let Some((k, link)) = self.inner.express.claim(&kind, &options) {
+            if k.start(id, &link, payload, options, reply) {
+                self.inner.dispatcher.do_send(Wake);
+            }
+        } else {
+            self.inner.dispatcher.do_send(Submit {
+                id,
+                spec: JobSpec {
+                    kind: kind.into_owned(),
+                    payload,
+                    options,
+                },
+                ack: None,
+                direct: Some(reply),
+                waiter: None,
+            });
+        }
+    }
+
     fn alloc_id(&self) -> JobId {
         JobId(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
     }
@@ -193,23 +224,7 @@ impl Handle {
         let payload = encode(input)?;
         let id = self.alloc_id();
         let (reply, rx) = call_reply(id);
-        if let Some((k, link)) = self.inner.express.claim(kind, &options) {
-            if k.start(id, &link, payload, options, reply) {
-                self.inner.dispatcher.do_send(Wake);
-            }
-        } else {
-            self.inner.dispatcher.do_send(Submit {
-                id,
-                spec: JobSpec {
-                    kind: kind.to_string(),
-                    payload,
-                    options,
-                },
-                ack: None,
-                direct: Some(reply),
-                waiter: None,
-            });
-        }
+        self.start_direct(id, Cow::Borrowed(kind), payload, options, reply);
         match self.recv_call(&rx, timeout, id) {
             Ok(outcome) => decode(outcome?),
             Err(e @ JobError::WaitTimeout { .. }) => {
@@ -359,17 +374,8 @@ impl Handle {
     {
         let payload = encode(input)?;
         let (tx, rx) = oneshot::channel::<Outcome>();
-        self.inner.dispatcher.do_send(Submit {
-            id: self.alloc_id(),
-            spec: JobSpec {
-                kind: kind.to_string(),
-                payload,
-                options,
-            },
-            ack: None,
-            direct: Some(Reply::future(tx)),
-            waiter: None,
-        });
+        let id = self.alloc_id();
+        self.start_direct(id, Cow::Borrowed(kind), payload, options, Reply::future(tx));
         decode(self.recv_async(rx).await??)
     }
 
@@ -400,13 +406,12 @@ impl Handle {
     ) {
         let id = self.alloc_id();
         let (tx, rx) = oneshot::channel::<Outcome>();
-        self.inner.dispatcher.do_send(Submit {
-            id,
-            spec,
-            ack: None,
-            direct: Some(Reply::future(tx)),
-            waiter: None,
-        });
+        let JobSpec {
+            kind,
+            payload,
+            options,
+        } = spec;
+        self.start_direct(id, Cow::Owned(kind), payload, options, Reply::future(tx));
         (id, async move { self.recv_async(rx).await? })
     }
 

@@ -258,12 +258,20 @@ fn a_job_waiting_for_a_running_job_starts_at_once_when_it_ends() {
 fn a_shutdown_lets_the_running_job_finish_and_starts_no_queued_one() {
     let mut rig = Rig::new();
     let hold = rig.hold();
+    // Each wait is registered (its request sent) before the shutdown is:
+    // a waiter thread starved until the runtime closed would hear
+    // ShuttingDown instead.
     let waiter = |id: JobId| {
         let h = rig.h.clone();
         let (tx, rx) = bounded(1);
+        let (sent_tx, sent_rx) = bounded(1);
         std::thread::spawn(move || {
-            let _ = tx.send(h.wait_record(id, T));
+            let mut wait = Box::pin(h.wait_async(id));
+            assert!((&mut wait).now_or_never().is_none(), "final already");
+            let _ = sent_tx.send(());
+            let _ = tx.send(futures::executor::block_on(wait));
         });
+        sent_rx.recv_timeout(T).unwrap();
         rx
     };
     let queued: Vec<_> = (0..5)
