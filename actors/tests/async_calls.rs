@@ -8,17 +8,13 @@ mod common;
 use actix::{Actor, Context, Handler, Message, ResponseFuture};
 use jobd_actors::{Handle, JobError, JobOptions, JobSpec, JobState, Runtime};
 
-use common::{Gate, LONG};
+use common::{Gate, LONG, TestKinds};
 
 fn runtime(gate: &Gate) -> Runtime {
-    let g = gate.clone();
     Runtime::builder()
         .pool("slow", 1)
         .pool("fast", 2)
-        .handler("hold", "slow", move |ctx, x: u64| {
-            g.hold(ctx);
-            Ok::<u64, String>(x)
-        })
+        .held::<u64>("hold", "slow", gate)
         .handler("double", "fast", |_ctx, x: u64| Ok::<u64, String>(x * 2))
         .handler("fail", "fast", |_ctx, _: ()| Err::<(), _>("no"))
         .start()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::unbounded;
 use jobd_actors::{JobError, JobOptions, JobState, Runtime};
 
-use common::{Gate, LONG};
+use common::{Gate, LONG, TestKinds};
 
 #[test]
 fn a_delayed_job_does_not_start_early() {
@@ -45,22 +45,15 @@ fn a_delayed_job_does_not_start_early() {
 #[test]
 fn a_cancelled_queued_or_delayed_job_never_runs() {
     let gate = Gate::new();
-    let g = gate.clone();
     let (ran_tx, ran_rx) = unbounded::<String>();
     let rt = Runtime::builder()
         .pool("p", 1)
-        .handler("hold", "p", move |ctx, _: ()| {
-            g.hold(ctx);
-            Ok::<(), String>(())
-        })
-        .handler("tag", "p", move |_ctx, tag: String| {
-            ran_tx.send(tag).map_err(|e| e.to_string())
-        })
+        .held::<()>("hold", "p", &gate)
+        .recorded("tag", "p", ran_tx)
         .start()
         .unwrap();
     let h = rt.handle();
-    let holder = h.submit("hold", &(), JobOptions::default()).unwrap();
-    gate.started();
+    let holder = gate.occupy(&h, "hold");
 
     let queued = h.submit("tag", "queued", JobOptions::default()).unwrap();
     let delayed = h
@@ -168,15 +161,10 @@ fn a_timeout_answers_the_waiter_while_the_handler_still_runs() {
 #[test]
 fn a_call_that_stops_waiting_cancels_its_job_and_wait_does_not() {
     let gate = Gate::new();
-    let g = gate.clone();
     let (seen_tx, seen_rx) = unbounded::<bool>();
     let rt = Runtime::builder()
         .pool("p", 2)
-        .handler("hold", "p", move |ctx, _: ()| {
-            g.hold(ctx);
-            let _ = seen_tx.send(ctx.is_cancelled());
-            Ok::<(), String>(())
-        })
+        .held_then_report_cancel("hold", "p", &gate, seen_tx)
         .start()
         .unwrap();
     let h = rt.handle();
@@ -193,8 +181,7 @@ fn a_call_that_stops_waiting_cancels_its_job_and_wait_does_not() {
         other => panic!("expected WaitTimeout, got {other:?}"),
     }
 
-    let id = h.submit("hold", &(), JobOptions::default()).unwrap();
-    assert_eq!(gate.started(), id);
+    let id = gate.occupy(&h, "hold");
     match h.wait::<()>(id, Duration::from_millis(50)) {
         Err(e @ JobError::WaitTimeout { .. }) => assert_eq!(e.code(), "timeout"),
         other => panic!("expected WaitTimeout, got {other:?}"),
@@ -209,20 +196,14 @@ fn a_call_that_stops_waiting_cancels_its_job_and_wait_does_not() {
 #[test]
 fn cancelling_a_running_job_answers_its_waiters_at_once() {
     let gate = Gate::new();
-    let g = gate.clone();
     let (seen_tx, seen_rx) = unbounded::<bool>();
     let rt = Runtime::builder()
         .pool("p", 1)
-        .handler("hold", "p", move |ctx, _: ()| {
-            g.hold(ctx);
-            let _ = seen_tx.send(ctx.is_cancelled());
-            Ok::<(), String>(())
-        })
+        .held_then_report_cancel("hold", "p", &gate, seen_tx)
         .start()
         .unwrap();
     let h = rt.handle();
-    let id = h.submit("hold", &(), JobOptions::default()).unwrap();
-    gate.started();
+    let id = gate.occupy(&h, "hold");
     let waiter = {
         let h = h.clone();
         std::thread::spawn(move || h.wait::<()>(id, LONG))

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use jobd_actors::{Backoff, JobError, JobOptions, JobState, KindOptions, Runtime};
 
-use common::{Gate, LONG};
+use common::{Gate, LONG, TestKinds};
 
 const BACKOFF: Backoff = Backoff {
     base_ms: 20,
@@ -159,13 +159,9 @@ fn kind_defaults_apply_and_submissions_override_them() {
 #[test]
 fn wait_any_cancel_and_status() {
     let gate = Gate::new();
-    let g = gate.clone();
     let rt = Runtime::builder()
         .pool("p", 2)
-        .handler("hold", "p", move |ctx, x: u32| {
-            g.hold(ctx);
-            Ok::<u32, String>(x)
-        })
+        .held::<u32>("hold", "p", &gate)
         .start()
         .unwrap();
     let h = rt.handle();

@@ -1,7 +1,8 @@
 //! Helpers shared by the jobd-actors integration tests: a `Gate` that holds
 //! handlers until the test releases them (so tests order events with
-//! channels, not sleeps), thread counting through `/proc/self/task`, and
-//! polling with a deadline.
+//! channels, not sleeps), `TestKinds` to register gated and recording kinds
+//! on a runtime in one line each, thread counting through
+//! `/proc/self/task`, and polling with a deadline.
 
 #![allow(dead_code)] // each test binary uses a different subset
 
@@ -10,7 +11,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
-use jobd_actors::{JobContext, JobId};
+use jobd_actors::{Handle, JobContext, JobId, JobOptions, RuntimeBuilder};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 /// Long enough for anything that should happen "at once" on a loaded
 /// 2-core CI machine, short enough to fail a hung test quickly.
@@ -71,6 +74,14 @@ impl Gate {
         }
     }
 
+    /// Submit a `kind` job (payload `()`) whose handler holds on this gate,
+    /// and wait until it runs: its worker is now busy. Its id.
+    pub fn occupy(&self, h: &Handle, kind: &str) -> JobId {
+        let id = h.submit(kind, &(), JobOptions::default()).unwrap();
+        assert_eq!(self.started(), id, "the submitted job is the one held");
+        id
+    }
+
     /// Wait until some held handler started; its job id.
     pub fn started(&self) -> JobId {
         self.started_rx
@@ -107,6 +118,79 @@ impl Gate {
         self.update(|r| {
             r.jobs.insert(id);
         });
+    }
+}
+
+/// The kinds most tests build their runtime from, registered on a
+/// `RuntimeBuilder` beside the test's own handlers:
+///
+/// ```ignore
+/// let rt = Runtime::builder()
+///     .pool("p", 1)
+///     .held::<()>("hold", "p", &gate) // keeps the worker busy
+///     .recorded::<String>("tag", "p", ran_tx) // logs the order jobs ran in
+///     .start()
+///     .unwrap();
+/// ```
+pub trait TestKinds: Sized {
+    /// Kind `kind` on `pool`: holds on `gate` (its worker stays busy until
+    /// the test releases it), then returns its payload.
+    fn held<T>(self, kind: &str, pool: &str, gate: &Gate) -> Self
+    where
+        T: Serialize + DeserializeOwned + 'static;
+
+    /// Kind `kind` on `pool` that ignores cancellation: holds on `gate`,
+    /// then sends on `seen` whether it was told to stop by then
+    /// (`ctx.is_cancelled()`), and returns `()`.
+    fn held_then_report_cancel(
+        self,
+        kind: &str,
+        pool: &str,
+        gate: &Gate,
+        seen: Sender<bool>,
+    ) -> Self;
+
+    /// Kind `kind` on `pool`: sends its payload on `ran` (so the test sees
+    /// which jobs ran, in order) and returns `()`.
+    fn recorded<T>(self, kind: &str, pool: &str, ran: Sender<T>) -> Self
+    where
+        T: DeserializeOwned + Send + 'static;
+}
+
+impl TestKinds for RuntimeBuilder {
+    fn held<T>(self, kind: &str, pool: &str, gate: &Gate) -> Self
+    where
+        T: Serialize + DeserializeOwned + 'static,
+    {
+        let gate = gate.clone();
+        self.handler(kind, pool, move |ctx, x: T| {
+            gate.hold(ctx);
+            Ok::<T, String>(x)
+        })
+    }
+
+    fn held_then_report_cancel(
+        self,
+        kind: &str,
+        pool: &str,
+        gate: &Gate,
+        seen: Sender<bool>,
+    ) -> Self {
+        let gate = gate.clone();
+        self.handler(kind, pool, move |ctx, _: ()| {
+            gate.hold(ctx);
+            let _ = seen.send(ctx.is_cancelled());
+            Ok::<(), String>(())
+        })
+    }
+
+    fn recorded<T>(self, kind: &str, pool: &str, ran: Sender<T>) -> Self
+    where
+        T: DeserializeOwned + Send + 'static,
+    {
+        self.handler(kind, pool, move |_ctx, x: T| {
+            ran.send(x).map_err(|e| e.to_string())
+        })
     }
 }
 
