@@ -8,13 +8,13 @@ mod common;
 use actix::{Actor, Context, Handler, Message, ResponseFuture};
 use jobd_actors::{Handle, JobError, JobOptions, JobSpec, JobState, Runtime};
 
-use common::{Gate, LONG, TestKinds};
+use common::{Gate, LONG, held};
 
 fn runtime(gate: &Gate) -> Runtime {
     Runtime::builder()
         .pool("slow", 1)
         .pool("fast", 2)
-        .held::<u64>("hold", "slow", gate)
+        .handler("hold", "slow", held::<u64>(gate))
         .handler("double", "fast", |_ctx, x: u64| Ok::<u64, String>(x * 2))
         .handler("fail", "fast", |_ctx, _: ()| Err::<(), _>("no"))
         .start()

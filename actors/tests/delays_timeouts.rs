@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::unbounded;
 use jobd_actors::{JobError, JobOptions, JobState, Runtime};
 
-use common::{Gate, LONG, TestKinds};
+use common::{Gate, HeldWorker, LONG, held_then_report_cancel, held_worker};
 
 #[test]
 fn a_delayed_job_does_not_start_early() {
@@ -44,16 +44,13 @@ fn a_delayed_job_does_not_start_early() {
 
 #[test]
 fn a_cancelled_queued_or_delayed_job_never_runs() {
-    let gate = Gate::new();
-    let (ran_tx, ran_rx) = unbounded::<String>();
-    let rt = Runtime::builder()
-        .pool("p", 1)
-        .held::<()>("hold", "p", &gate)
-        .recorded("tag", "p", ran_tx)
-        .start()
-        .unwrap();
-    let h = rt.handle();
-    let holder = gate.occupy(&h, "hold");
+    let HeldWorker {
+        rt,
+        h,
+        gate,
+        holder,
+        ran: ran_rx,
+    } = held_worker::<String>("p", "tag");
 
     let queued = h.submit("tag", "queued", JobOptions::default()).unwrap();
     let delayed = h
@@ -164,7 +161,7 @@ fn a_call_that_stops_waiting_cancels_its_job_and_wait_does_not() {
     let (seen_tx, seen_rx) = unbounded::<bool>();
     let rt = Runtime::builder()
         .pool("p", 2)
-        .held_then_report_cancel("hold", "p", &gate, seen_tx)
+        .handler("hold", "p", held_then_report_cancel(&gate, seen_tx))
         .start()
         .unwrap();
     let h = rt.handle();
@@ -199,7 +196,7 @@ fn cancelling_a_running_job_answers_its_waiters_at_once() {
     let (seen_tx, seen_rx) = unbounded::<bool>();
     let rt = Runtime::builder()
         .pool("p", 1)
-        .held_then_report_cancel("hold", "p", &gate, seen_tx)
+        .handler("hold", "p", held_then_report_cancel(&gate, seen_tx))
         .start()
         .unwrap();
     let h = rt.handle();

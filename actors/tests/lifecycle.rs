@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use jobd_actors::{Backoff, JobError, JobOptions, JobState, KindOptions, Runtime};
 
-use common::{Gate, LONG, TestKinds};
+use common::{Gate, LONG, held};
 
 const BACKOFF: Backoff = Backoff {
     base_ms: 20,
@@ -161,7 +161,7 @@ fn wait_any_cancel_and_status() {
     let gate = Gate::new();
     let rt = Runtime::builder()
         .pool("p", 2)
-        .held::<u32>("hold", "p", &gate)
+        .handler("hold", "p", held::<u32>(&gate))
         .start()
         .unwrap();
     let h = rt.handle();

@@ -7,7 +7,7 @@ mod common;
 
 use jobd_actors::{JobOptions, JobState, Runtime};
 
-use common::{Gate, LONG, TestKinds, assert_threads_named};
+use common::{Gate, LONG, assert_threads_named, held};
 
 #[test]
 fn a_held_slow_pool_does_not_delay_the_fast_pool() {
@@ -15,7 +15,7 @@ fn a_held_slow_pool_does_not_delay_the_fast_pool() {
     let rt = Runtime::builder()
         .pool("slow", 1)
         .pool("fast", 2)
-        .held::<()>("block", "slow", &gate)
+        .handler("block", "slow", held::<()>(&gate))
         .handler("quick", "fast", |ctx, x: u32| {
             Ok::<(u32, String), String>((x, ctx.pool().to_string()))
         })

@@ -3,24 +3,19 @@
 
 mod common;
 
-use crossbeam_channel::unbounded;
-use jobd_actors::{JobOptions, Runtime};
+use jobd_actors::JobOptions;
 
-use common::{Gate, LONG, TestKinds};
+use common::{HeldWorker, LONG, held_worker};
 
 #[test]
 fn higher_priority_first_fifo_within_equal() {
-    let gate = Gate::new();
-    let (ran_tx, ran_rx) = unbounded::<String>();
-    let rt = Runtime::builder()
-        .pool("one", 1)
-        .held::<()>("hold", "one", &gate)
-        .recorded("tag", "one", ran_tx)
-        .start()
-        .unwrap();
-    let h = rt.handle();
-
-    let holder = gate.occupy(&h, "hold");
+    let HeldWorker {
+        rt,
+        h,
+        gate,
+        holder,
+        ran: ran_rx,
+    } = held_worker::<String>("one", "tag");
 
     let submitted = [
         ("p1", 1),
@@ -65,16 +60,13 @@ fn higher_priority_first_fifo_within_equal() {
 
 #[test]
 fn order_holds_after_many_queued_jobs_were_cancelled() {
-    let gate = Gate::new();
-    let (ran_tx, ran_rx) = unbounded::<u32>();
-    let rt = Runtime::builder()
-        .pool("one", 1)
-        .held::<()>("hold", "one", &gate)
-        .recorded("n", "one", ran_tx)
-        .start()
-        .unwrap();
-    let h = rt.handle();
-    let holder = gate.occupy(&h, "hold");
+    let HeldWorker {
+        rt,
+        h,
+        gate,
+        holder,
+        ran: ran_rx,
+    } = held_worker::<u32>("one", "n");
 
     // 400 queued jobs over 3 priorities; cancel all but every 8th, which
     // leaves far more cancelled entries than live ones behind the held

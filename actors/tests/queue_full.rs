@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use jobd_actors::{JobError, JobOptions, JobSpec, PoolConfig, Runtime};
 
-use common::{Gate, LONG, TestKinds};
+use common::{Gate, LONG, held};
 
 const MAX_QUEUED: usize = 3;
 
@@ -20,7 +20,7 @@ fn max_queued_reached_gives_queue_full_and_the_pool_recovers() {
             max_queued: MAX_QUEUED,
             ..PoolConfig::new("small", 1)
         })
-        .held::<u32>("hold", "small", &gate)
+        .handler("hold", "small", held::<u32>(&gate))
         .start()
         .unwrap();
     let h = rt.handle();

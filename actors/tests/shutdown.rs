@@ -12,7 +12,7 @@ use std::time::Duration;
 use crossbeam_channel::unbounded;
 use jobd_actors::{JobError, JobOptions, JobSpec, JobState, Runtime, ShutdownError};
 
-use common::{Gate, LONG, TestKinds, eventually, thread_count};
+use common::{Gate, LONG, eventually, held, held_then_report_cancel, recorded, thread_count};
 
 #[test]
 fn shutdown() {
@@ -38,8 +38,8 @@ fn drains_answers_everyone_and_joins_every_thread() {
     let rt = Runtime::builder()
         .pool("work", 2)
         .pool("io", 3)
-        .held::<u32>("hold", "work", &gate)
-        .recorded("tag", "work", ran_tx)
+        .handler("hold", "work", held::<u32>(&gate))
+        .handler("tag", "work", recorded(ran_tx))
         .start()
         .unwrap();
     // System thread + 2 + 3 + the default pool's threads.
@@ -165,7 +165,7 @@ fn at_the_deadline_running_handlers_are_told_to_stop() {
             Ok::<(), String>(())
         })
         // Ignores it until released.
-        .held_then_report_cancel("stubborn", "p", &gate, seen_tx)
+        .handler("stubborn", "p", held_then_report_cancel(&gate, seen_tx))
         .start()
         .unwrap();
     let h = rt.handle();

@@ -1,8 +1,8 @@
 //! Helpers shared by the jobd-actors integration tests: a `Gate` that holds
 //! handlers until the test releases them (so tests order events with
-//! channels, not sleeps), `TestKinds` to register gated and recording kinds
-//! on a runtime in one line each, thread counting through
-//! `/proc/self/task`, and polling with a deadline.
+//! channels, not sleeps), ready-made gated and recording handlers, a
+//! runtime whose only worker is held busy (`held_worker`), thread counting
+//! through `/proc/self/task`, and polling with a deadline.
 
 #![allow(dead_code)] // each test binary uses a different subset
 
@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
-use jobd_actors::{Handle, JobContext, JobId, JobOptions, RuntimeBuilder};
+use jobd_actors::{Handle, JobContext, JobId, JobOptions, Runtime};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -121,76 +121,86 @@ impl Gate {
     }
 }
 
-/// The kinds most tests build their runtime from, registered on a
-/// `RuntimeBuilder` beside the test's own handlers:
-///
-/// ```ignore
-/// let rt = Runtime::builder()
-///     .pool("p", 1)
-///     .held::<()>("hold", "p", &gate) // keeps the worker busy
-///     .recorded::<String>("tag", "p", ran_tx) // logs the order jobs ran in
-///     .start()
-///     .unwrap();
-/// ```
-pub trait TestKinds: Sized {
-    /// Kind `kind` on `pool`: holds on `gate` (its worker stays busy until
-    /// the test releases it), then returns its payload.
-    fn held<T>(self, kind: &str, pool: &str, gate: &Gate) -> Self
-    where
-        T: Serialize + DeserializeOwned + 'static;
-
-    /// Kind `kind` on `pool` that ignores cancellation: holds on `gate`,
-    /// then sends on `seen` whether it was told to stop by then
-    /// (`ctx.is_cancelled()`), and returns `()`.
-    fn held_then_report_cancel(
-        self,
-        kind: &str,
-        pool: &str,
-        gate: &Gate,
-        seen: Sender<bool>,
-    ) -> Self;
-
-    /// Kind `kind` on `pool`: sends its payload on `ran` (so the test sees
-    /// which jobs ran, in order) and returns `()`.
-    fn recorded<T>(self, kind: &str, pool: &str, ran: Sender<T>) -> Self
-    where
-        T: DeserializeOwned + Send + 'static;
+/// A handler that holds on `gate` (its worker stays busy until the test
+/// releases it), then returns its payload. Register it like any other:
+/// `.handler("hold", "p", held::<u32>(&gate))`.
+pub fn held<T>(
+    gate: &Gate,
+) -> impl Fn(&JobContext<'_>, T) -> Result<T, String> + Send + Sync + use<T>
+where
+    T: Serialize + DeserializeOwned,
+{
+    let gate = gate.clone();
+    move |ctx, x| {
+        gate.hold(ctx);
+        Ok(x)
+    }
 }
 
-impl TestKinds for RuntimeBuilder {
-    fn held<T>(self, kind: &str, pool: &str, gate: &Gate) -> Self
-    where
-        T: Serialize + DeserializeOwned + 'static,
-    {
-        let gate = gate.clone();
-        self.handler(kind, pool, move |ctx, x: T| {
-            gate.hold(ctx);
-            Ok::<T, String>(x)
-        })
+/// A handler that ignores cancellation: it holds on `gate`, then sends on
+/// `seen` whether it was told to stop by then (`ctx.is_cancelled()`).
+pub fn held_then_report_cancel(
+    gate: &Gate,
+    seen: Sender<bool>,
+) -> impl Fn(&JobContext<'_>, ()) -> Result<(), String> + Send + Sync + use<> {
+    let gate = gate.clone();
+    move |ctx, ()| {
+        gate.hold(ctx);
+        let _ = seen.send(ctx.is_cancelled());
+        Ok(())
     }
+}
 
-    fn held_then_report_cancel(
-        self,
-        kind: &str,
-        pool: &str,
-        gate: &Gate,
-        seen: Sender<bool>,
-    ) -> Self {
-        let gate = gate.clone();
-        self.handler(kind, pool, move |ctx, _: ()| {
-            gate.hold(ctx);
-            let _ = seen.send(ctx.is_cancelled());
-            Ok::<(), String>(())
-        })
-    }
+/// A handler that sends its payload on `ran`, so the test sees which jobs
+/// ran and in what order.
+pub fn recorded<T>(
+    ran: Sender<T>,
+) -> impl Fn(&JobContext<'_>, T) -> Result<(), String> + Send + Sync + use<T>
+where
+    T: DeserializeOwned + Send,
+{
+    move |_ctx, x| ran.send(x).map_err(|e| e.to_string())
+}
 
-    fn recorded<T>(self, kind: &str, pool: &str, ran: Sender<T>) -> Self
-    where
-        T: DeserializeOwned + Send + 'static,
-    {
-        self.handler(kind, pool, move |_ctx, x: T| {
-            ran.send(x).map_err(|e| e.to_string())
-        })
+/// A started runtime whose one-worker pool is held busy by a `hold` job,
+/// with a kind on the same pool that records its payloads on `ran`: jobs
+/// of that kind submitted now queue up until the test releases the gate,
+/// then run in the order the runtime picks.
+pub struct HeldWorker<T> {
+    /// The runtime; shut it down at the end of the test.
+    pub rt: Runtime,
+    /// Its handle.
+    pub h: Handle,
+    /// The gate the `hold` job waits on.
+    pub gate: Gate,
+    /// The running `hold` job.
+    pub holder: JobId,
+    /// The payloads of the `kind` jobs that ran, in order.
+    pub ran: Receiver<T>,
+}
+
+/// Start a [`HeldWorker`] with a one-worker pool `pool` and the recording
+/// kind `kind`.
+pub fn held_worker<T>(pool: &str, kind: &str) -> HeldWorker<T>
+where
+    T: DeserializeOwned + Send + 'static,
+{
+    let gate = Gate::new();
+    let (ran_tx, ran) = unbounded();
+    let rt = Runtime::builder()
+        .pool(pool, 1)
+        .handler("hold", pool, held::<()>(&gate))
+        .handler(kind, pool, recorded::<T>(ran_tx))
+        .start()
+        .unwrap();
+    let h = rt.handle();
+    let holder = gate.occupy(&h, "hold");
+    HeldWorker {
+        rt,
+        h,
+        gate,
+        holder,
+        ran,
     }
 }
 
