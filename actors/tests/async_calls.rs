@@ -80,15 +80,7 @@ fn async_calls_inside_an_actor_do_not_block_its_arbiter() {
     let gate = Gate::new();
     let rt = runtime(&gate);
     let h = rt.handle();
-    let addr = h
-        .run(
-            {
-                let h = h.clone();
-                move || async move { Orchestrator { h }.start() }
-            },
-            LONG,
-        )
-        .unwrap();
+    let addr = common::start_actor(&h, |h| Orchestrator { h });
 
     // The actor awaits a job that is held...
     let held = {

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::unbounded;
+use crossbeam_channel::{Receiver, unbounded};
 use jobd_actors::{JobError, JobOptions, JobState, Runtime};
 
 use common::{Gate, HeldWorker, LONG, held_then_report_cancel, held_worker};
@@ -44,13 +44,7 @@ fn a_delayed_job_does_not_start_early() {
 
 #[test]
 fn a_cancelled_queued_or_delayed_job_never_runs() {
-    let HeldWorker {
-        rt,
-        h,
-        gate,
-        holder,
-        ran: ran_rx,
-    } = held_worker::<String>("p", "tag");
+    let HeldWorker(rt, h, gate, holder, ran_rx) = held_worker::<String>("p", "tag");
 
     let queued = h.submit("tag", "queued", JobOptions::default()).unwrap();
     let delayed = h
@@ -155,15 +149,22 @@ fn a_timeout_answers_the_waiter_while_the_handler_still_runs() {
     rt.shutdown(LONG).unwrap();
 }
 
-#[test]
-fn a_call_that_stops_waiting_cancels_its_job_and_wait_does_not() {
+/// A runtime with `threads` workers in pool `p` and a kind `hold` that
+/// holds on the gate, then says on the receiver whether it was told to stop.
+fn stubborn_runtime(threads: usize) -> (Runtime, Gate, Receiver<bool>) {
     let gate = Gate::new();
     let (seen_tx, seen_rx) = unbounded::<bool>();
     let rt = Runtime::builder()
-        .pool("p", 2)
+        .pool("p", threads)
         .handler("hold", "p", held_then_report_cancel(&gate, seen_tx))
         .start()
         .unwrap();
+    (rt, gate, seen_rx)
+}
+
+#[test]
+fn a_call_that_stops_waiting_cancels_its_job_and_wait_does_not() {
+    let (rt, gate, seen_rx) = stubborn_runtime(2);
     let h = rt.handle();
 
     match h.call::<_, ()>("hold", &(), Duration::from_millis(100)) {
@@ -192,13 +193,7 @@ fn a_call_that_stops_waiting_cancels_its_job_and_wait_does_not() {
 
 #[test]
 fn cancelling_a_running_job_answers_its_waiters_at_once() {
-    let gate = Gate::new();
-    let (seen_tx, seen_rx) = unbounded::<bool>();
-    let rt = Runtime::builder()
-        .pool("p", 1)
-        .handler("hold", "p", held_then_report_cancel(&gate, seen_tx))
-        .start()
-        .unwrap();
+    let (rt, gate, seen_rx) = stubborn_runtime(1);
     let h = rt.handle();
     let id = gate.occupy(&h, "hold");
     let waiter = {

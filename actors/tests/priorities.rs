@@ -9,13 +9,7 @@ use common::{HeldWorker, LONG, held_worker};
 
 #[test]
 fn higher_priority_first_fifo_within_equal() {
-    let HeldWorker {
-        rt,
-        h,
-        gate,
-        holder,
-        ran: ran_rx,
-    } = held_worker::<String>("one", "tag");
+    let HeldWorker(rt, h, gate, holder, ran_rx) = held_worker::<String>("one", "tag");
 
     let submitted = [
         ("p1", 1),
@@ -60,13 +54,7 @@ fn higher_priority_first_fifo_within_equal() {
 
 #[test]
 fn order_holds_after_many_queued_jobs_were_cancelled() {
-    let HeldWorker {
-        rt,
-        h,
-        gate,
-        holder,
-        ran: ran_rx,
-    } = held_worker::<u32>("one", "n");
+    let HeldWorker(rt, h, gate, holder, ran_rx) = held_worker::<u32>("one", "n");
 
     // 400 queued jobs over 3 priorities; cancel all but every 8th, which
     // leaves far more cancelled entries than live ones behind the held

@@ -1,7 +1,8 @@
 //! Helpers shared by the jobd-actors integration tests: a `Gate` that holds
 //! handlers until the test releases them (so tests order events with
 //! channels, not sleeps), ready-made gated and recording handlers, a
-//! runtime whose only worker is held busy (`held_worker`), thread counting
+//! runtime whose only worker is held busy (`held_worker`), starting an
+//! app actor on the runtime's System (`start_actor`), thread counting
 //! through `/proc/self/task`, and polling with a deadline.
 
 #![allow(dead_code)] // each test binary uses a different subset
@@ -10,6 +11,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use actix::{Actor, Addr, Context};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 use jobd_actors::{Handle, JobContext, JobId, JobOptions, Runtime};
 use serde::Serialize;
@@ -165,19 +167,20 @@ where
 /// A started runtime whose one-worker pool is held busy by a `hold` job,
 /// with a kind on the same pool that records its payloads on `ran`: jobs
 /// of that kind submitted now queue up until the test releases the gate,
-/// then run in the order the runtime picks.
-pub struct HeldWorker<T> {
+/// then run in the order the runtime picks. Its fields are all of
+/// different types, so a destructuring in the wrong order does not compile.
+pub struct HeldWorker<T>(
     /// The runtime; shut it down at the end of the test.
-    pub rt: Runtime,
+    pub Runtime,
     /// Its handle.
-    pub h: Handle,
+    pub Handle,
     /// The gate the `hold` job waits on.
-    pub gate: Gate,
+    pub Gate,
     /// The running `hold` job.
-    pub holder: JobId,
-    /// The payloads of the `kind` jobs that ran, in order.
-    pub ran: Receiver<T>,
-}
+    pub JobId,
+    /// The payloads of the recording kind's jobs that ran, in order.
+    pub Receiver<T>,
+);
 
 /// Start a [`HeldWorker`] with a one-worker pool `pool` and the recording
 /// kind `kind`.
@@ -195,13 +198,18 @@ where
         .unwrap();
     let h = rt.handle();
     let holder = gate.occupy(&h, "hold");
-    HeldWorker {
-        rt,
-        h,
-        gate,
-        holder,
-        ran,
-    }
+    HeldWorker(rt, h, gate, holder, ran)
+}
+
+/// Start the actor `make` builds (from a clone of `h`) on the runtime's
+/// System, where its futures run; its address.
+pub fn start_actor<A>(h: &Handle, make: impl FnOnce(Handle) -> A + Send + 'static) -> Addr<A>
+where
+    A: Actor<Context = Context<A>>,
+{
+    let h2 = h.clone();
+    h.run(move || async move { make(h2).start() }, LONG)
+        .expect("the runtime's System is running")
 }
 
 /// The names (`comm`, at most 15 bytes) of this process's threads.
