@@ -12,18 +12,6 @@ use common::Daemon;
 use lifecycle_common::*;
 use serde_json::{Value, json};
 
-fn failing(extra: Value) -> Value {
-    let mut job = json!({"kind": "sleep", "payload": {"ms": "soon"}});
-    if let (Some(j), Some(e)) = (job.as_object_mut(), extra.as_object()) {
-        j.extend(e.clone());
-    }
-    job
-}
-
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
 fn paused(c: &mut common::Client, pool: &str) -> Value {
     ok(c, json!({"op": "stats"}))["pools"][pool]["paused"].clone()
 }
@@ -95,19 +83,7 @@ fn a_delayed_retry_keeps_its_run_at_and_attempts_across_a_crash() {
 fn dead_jobs_stay_dead_listable_and_retryable_after_a_crash() {
     let mut d = Daemon::start_with("[pools.default]\nthreads = 2\n", DURABLE);
     let mut c = d.client();
-    let r = rq(
-        &mut c,
-        json!({"op": "submit", "wait": true,
-               "job": failing(json!({"max_attempts": 2, "backoff": {"base_ms": 1}}))}),
-    );
-    assert_eq!(r["state"], "dead");
-    let dead = r["job"].clone();
-    let r = rq(
-        &mut c,
-        json!({"op": "submit", "wait": true, "job": failing(json!({}))}),
-    );
-    assert_eq!(r["state"], "failed");
-    let failed = r["job"].clone();
+    let (dead, failed) = dead_and_failed(&mut c);
     barrier(&mut c);
     drop(c);
 
