@@ -40,10 +40,8 @@ fn a_delayed_retry_keeps_its_run_at_and_attempts_across_a_crash() {
         r["attempt"] == 1 && r["state"] != "running"
     });
     barrier(&mut c);
-    drop(c);
 
-    d.restart(DURABLE);
-    let mut c = d.client();
+    let mut c = d.crash_and_restart(c, DURABLE);
     let rec = status(&mut c, &slow);
     for field in [
         "state",
@@ -85,10 +83,8 @@ fn dead_jobs_stay_dead_listable_and_retryable_after_a_crash() {
     let mut c = d.client();
     let (dead, failed) = dead_and_failed(&mut c);
     barrier(&mut c);
-    drop(c);
 
-    d.restart(DURABLE);
-    let mut c = d.client();
+    let mut c = d.crash_and_restart(c, DURABLE);
     let rec = status(&mut c, &dead);
     assert_eq!(
         (&rec["state"], &rec["attempt"]),
@@ -127,10 +123,8 @@ fn unique_keys_still_deduplicate_after_a_crash() {
         &mut c,
         json!({"kind": "echo", "payload": 2, "delay_ms": 3_600_000, "unique_key": "k2"}),
     );
-    drop(c);
 
-    d.restart(DURABLE);
-    let mut c = d.client();
+    let mut c = d.crash_and_restart(c, DURABLE);
     assert_eq!(paused(&mut c, "work"), true);
     assert_eq!(status(&mut c, &held)["state"], "queued");
     let r = ok(
@@ -205,10 +199,8 @@ fn dependency_chains_go_on_after_a_crash() {
     let bad = submit(&mut c, failing(json!({"pool": "work"})));
     let orphan = submit(&mut c, json!({"kind": "echo", "after": [a, bad]}));
     assert_eq!(status(&mut c, &b)["state"], "delayed");
-    drop(c);
 
-    d.restart(DURABLE);
-    let mut c = d.client();
+    let mut c = d.crash_and_restart(c, DURABLE);
     assert_eq!(paused(&mut c, "work"), true);
     for (id, state) in [
         (&a, "queued"),

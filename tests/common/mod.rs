@@ -362,3 +362,25 @@ pub fn expect_code(o: &std::process::Output, want: i32) -> String {
     );
     out
 }
+
+impl Daemon {
+    /// Close `c`, stop the daemon with SIGTERM (it must exit cleanly within
+    /// 20 s) and start it again on the same state directory with `args`; a
+    /// connection to the new process.
+    pub fn stop_and_restart(&mut self, c: Client, args: &[&str]) -> Client {
+        drop(c);
+        let status = self.terminate(Duration::from_secs(20));
+        assert!(status.success(), "jobd did not stop cleanly: {status}");
+        self.restart(args);
+        self.client()
+    }
+
+    /// Close `c`, kill the daemon (SIGKILL, as a crash would) and start it
+    /// again on the same state directory with `args`; a connection to the
+    /// new process.
+    pub fn crash_and_restart(&mut self, c: Client, args: &[&str]) -> Client {
+        drop(c);
+        self.restart(args);
+        self.client()
+    }
+}
