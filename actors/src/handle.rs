@@ -22,10 +22,11 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::dispatcher::{
-    Dispatcher, ListPage, ListQuery, Query, Submit, SubmitAck, SubmitBatch, Wait, WaitAny,
+    Dispatcher, ListPage, ListQuery, Query, Submit, SubmitAck, SubmitBatch, Wait, WaitAny, Wake,
     outcome_of,
 };
 use crate::error::JobError;
+use crate::express::Express;
 use crate::job::{JobId, JobOptions, JobRecord, JobSpec};
 use crate::pool::{PoolConfig, panic_message};
 use crate::reply::{CallWait, Outcome, Reply, call_reply};
@@ -49,6 +50,8 @@ struct Inner {
     /// Next job id. Allocated here so a caller knows its job's id without a
     /// round trip (needed to cancel a `call` that timed out).
     next_id: Arc<AtomicU64>,
+    /// Where a `call` may start its job itself (see `express`).
+    express: Arc<Express>,
 }
 
 /// Refuse to block on an actix arbiter thread: the reply would have to be
@@ -74,6 +77,7 @@ impl Handle {
         dispatcher: Addr<Dispatcher>,
         arbiter: ArbiterHandle,
         next_id: Arc<AtomicU64>,
+        express: Arc<Express>,
     ) -> Self {
         Handle {
             inner: Arc::new(Inner {
@@ -81,6 +85,7 @@ impl Handle {
                 closed: AtomicBool::new(false),
                 arbiter,
                 next_id,
+                express,
             }),
         }
     }
@@ -160,7 +165,10 @@ impl Handle {
     ///
     /// If the timeout passes first, the job is cancelled (nobody is left to
     /// take its result) and `WaitTimeout` is returned. The worker answers
-    /// this call directly, without a hop through the Dispatcher.
+    /// this call directly, without a hop through the Dispatcher; and while
+    /// the kind's pool has an idle worker and nothing queued, the calling
+    /// thread hands the job to that worker itself (the express lane, see
+    /// the crate docs), so a call costs two thread hops, not three.
     pub fn call<I, O>(&self, kind: &str, input: &I, timeout: Duration) -> Result<O, JobError>
     where
         I: Serialize + ?Sized,
@@ -185,17 +193,23 @@ impl Handle {
         let payload = encode(input)?;
         let id = self.alloc_id();
         let (reply, rx) = call_reply(id);
-        self.inner.dispatcher.do_send(Submit {
-            id,
-            spec: JobSpec {
-                kind: kind.to_string(),
-                payload,
-                options,
-            },
-            ack: None,
-            direct: Some(reply),
-            waiter: None,
-        });
+        if let Some((k, link)) = self.inner.express.claim(kind, &options) {
+            if k.start(id, &link, payload, options, reply) {
+                self.inner.dispatcher.do_send(Wake);
+            }
+        } else {
+            self.inner.dispatcher.do_send(Submit {
+                id,
+                spec: JobSpec {
+                    kind: kind.to_string(),
+                    payload,
+                    options,
+                },
+                ack: None,
+                direct: Some(reply),
+                waiter: None,
+            });
+        }
         match self.recv_call(&rx, timeout, id) {
             Ok(outcome) => decode(outcome?),
             Err(e @ JobError::WaitTimeout { .. }) => {

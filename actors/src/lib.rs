@@ -58,6 +58,7 @@
 mod context;
 mod dispatcher;
 mod error;
+mod express;
 mod handle;
 mod job;
 mod pool;

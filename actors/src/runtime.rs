@@ -241,8 +241,9 @@ impl RuntimeBuilder {
                         );
                         dispatcher.set_store(StoreLink::new(store_addr, size), recovered);
                     }
+                    let express = dispatcher.express();
                     let addr = ctx.run(dispatcher);
-                    let handle = Handle::new(addr, actix_rt::Arbiter::current(), ids);
+                    let handle = Handle::new(addr, actix_rt::Arbiter::current(), ids, express);
                     let _ = ready_tx.send(Ok(handle));
                 });
                 // Runs until the Dispatcher stops the System.

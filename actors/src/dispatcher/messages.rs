@@ -19,6 +19,8 @@ pub(crate) struct AttemptDone {
     /// The job (and attempt) the worker took from the handoff slot to run
     /// next, if any: the worker stays busy.
     pub(crate) took: Option<(JobId, u32)>,
+    /// The link was retired: the worker leaves the pool after this report.
+    pub(crate) leaving: bool,
 }
 
 /// A worker filed a report that someone waits for (see `pool`): read the
@@ -42,17 +44,16 @@ impl Dispatcher {
     /// A worker's report of a finished attempt, read from its pool's inbox.
     pub(super) fn on_report(&mut self, msg: AttemptDone, ctx: &mut Context<Self>) {
         let pool = msg.pool;
-        self.pools[pool].idle += 1;
         if let Some(took) = msg.took {
             self.offer_taken(pool, took, ctx);
         }
         self.settle(msg, ctx);
     }
 
-    /// A report from a worker of an earlier size of `pool` (through the
-    /// retired link number `k`): no credit comes back, the worker's thread
-    /// exits, unless it took a job from its slot just before the resize
-    /// emptied it (that job was marked started then) and is busy with it.
+    /// A report read from the inbox of an earlier size of `pool` (the
+    /// retired link number `k`): filed before the resize, it counts as any
+    /// other; filed after it, by a worker counted busy then, that worker
+    /// now leaves.
     pub(super) fn on_retired_report(
         &mut self,
         pool: usize,
@@ -60,11 +61,11 @@ impl Dispatcher {
         msg: AttemptDone,
         ctx: &mut Context<Self>,
     ) {
-        if msg.took.is_none() {
+        if msg.leaving {
             let busy = &mut self.pools[pool].retired[k].1;
             *busy = busy.saturating_sub(1);
         }
-        self.settle(msg, ctx);
+        self.on_report(msg, ctx);
     }
 
     /// What a report means for its job, then for the pool and a shutdown.
@@ -365,7 +366,7 @@ impl Handler<SubmitBatch> for Dispatcher {
                     let n = extra.entry(job.pool).or_default();
                     *n += 1;
                     let p = &self.pools[job.pool];
-                    if p.queued + p.delayed + *n > p.cfg.max_queued + p.idle {
+                    if p.queued + p.delayed + *n > p.cfg.max_queued + p.link.idle() {
                         msg.reply.send(Err(JobError::QueueFull {
                             pool: p.cfg.name.clone(),
                             max_queued: p.cfg.max_queued,
@@ -640,6 +641,7 @@ impl Handler<Query> for Dispatcher {
                 for i in 0..self.pools.len() {
                     self.revoke_offers(i, ctx);
                     self.pools[i].link.set_eager();
+                    self.update_starving(i, ctx);
                 }
                 self.recheck(ctx);
                 // Jobs that have not started will not start: answer their

@@ -20,10 +20,11 @@ use serde_json::Value;
 
 use crate::context::{AttemptShared, Interrupt};
 use crate::error::JobError;
+use crate::express::Express;
 use crate::job::{Attempt, ErrorInfo, JobId, JobRecord, JobSpec, JobState, now_ms};
 use crate::pool::{
-    Failure, OFFER_DEPTH, PANIC_PREFIX, PoolConfig, PoolLink, RunJob, ThreadCount, Worker,
-    start_pool,
+    Adopted, Failure, OFFER_DEPTH, PANIC_PREFIX, PoolConfig, PoolLink, Report, RunJob, ThreadCount,
+    Worker, start_pool,
 };
 use crate::registry::Registry;
 use crate::reply::{DirectReply, Outcome, Reply};
@@ -114,8 +115,6 @@ pub(crate) struct PoolState {
     name: Arc<str>,
     /// The SyncArbiter's address; set once the pool is started.
     pub(crate) addr: Option<Addr<Worker>>,
-    /// Workers free for a job: the pool's credit.
-    idle: usize,
     /// Ready jobs, highest priority first, FIFO within a priority. May hold
     /// stale entries (cancelled jobs); `seq` tells them apart.
     queue: BinaryHeap<QueueEntry>,
@@ -136,6 +135,8 @@ pub(crate) struct PoolState {
     offered: Vec<(JobId, i32)>,
     /// What we last told the workers through `PoolLink::set_starving`.
     starving: bool,
+    /// Whether the express gate is open (`PoolLink::set_express`).
+    express: bool,
     /// Links of the pool's earlier sizes (see `resize`), each with how many
     /// of its workers still run a job. Those workers take no new job (their
     /// handoff slot stays empty) and exit after the one they have; a link
@@ -146,7 +147,7 @@ pub(crate) struct PoolState {
 impl PoolState {
     pub(crate) fn new(cfg: PoolConfig) -> Self {
         PoolState {
-            idle: cfg.threads,
+            link: Arc::new(PoolLink::new(cfg.threads)),
             name: Arc::from(cfg.name.as_str()),
             cfg,
             addr: None,
@@ -156,9 +157,9 @@ impl PoolState {
             running: 0,
             paused: false,
             counters: Default::default(),
-            link: Arc::default(),
             offered: Vec::new(),
             starving: false,
+            express: false,
             retired: Vec::new(),
         }
     }
@@ -474,6 +475,9 @@ pub struct Dispatcher {
     wait_tokens: u64,
     /// Live worker threads, for the pools a resize starts.
     threads: ThreadCount,
+    /// The express lane's table of kinds and pool links (shared with every
+    /// `Handle`).
+    express: Arc<Express>,
 }
 
 struct Closing {
@@ -500,6 +504,11 @@ impl Dispatcher {
             .keys()
             .map(|k| (k.clone(), KindTotals::new()))
             .collect();
+        let links: Vec<(&str, Arc<PoolLink>)> = pools
+            .iter()
+            .map(|p| (p.cfg.name.as_str(), p.link.clone()))
+            .collect();
+        let express = Arc::new(Express::new(&registry, &links));
         Dispatcher {
             registry,
             pools,
@@ -519,7 +528,13 @@ impl Dispatcher {
             recheck_queued: false,
             wait_tokens: 0,
             threads,
+            express,
         }
+    }
+
+    /// The express lane, for the `Handle`.
+    pub(crate) fn express(&self) -> Arc<Express> {
+        self.express.clone()
     }
 
     /// Persist through this store, resuming from what it held.
@@ -600,7 +615,7 @@ impl Dispatcher {
         let delay = opts.delay.unwrap_or_default();
         let waits = deps_left > 0 || !delay.is_zero();
         let p = &self.pools[pool];
-        let starts_now = !waits && !p.paused && p.idle > 0 && p.queued == 0;
+        let starts_now = !waits && !p.paused && p.link.idle() > 0 && p.queued == 0;
         if !starts_now && p.queued + p.delayed >= p.cfg.max_queued {
             return Err(JobError::QueueFull {
                 pool: p.cfg.name.clone(),
@@ -768,46 +783,55 @@ impl Dispatcher {
             // Offers must stay the best queued jobs, and an idle worker gets
             // its job the ordinary way.
             let outranked = p.queue.peek().is_some_and(|top| top.priority > worst);
-            if p.idle > 0 || p.paused || outranked {
+            if p.link.idle() > 0 || p.paused || outranked {
                 self.revoke_offers(pool, ctx);
             }
         }
         loop {
             let p = &self.pools[pool];
-            if p.idle == 0 || p.paused {
-                break;
+            if p.paused || (p.offered.len() >= OFFER_DEPTH && p.link.idle() == 0) {
+                return;
             }
             let Some(id) = self.pop_ready(pool) else {
                 return;
             };
-            let Some(run) = self.prepare(id) else {
+            let Some(mut run) = self.prepare(id) else {
                 continue;
             };
-            self.pools[pool].idle -= 1;
-            let started = run.shared.start();
-            self.mark_started(id, started, ctx);
-            // Invariant: pools get their address before any job.
-            if let Some(addr) = &self.pools[pool].addr {
-                addr.do_send(run);
+            // An idle worker gets it now; with none, it is offered. A
+            // worker that goes idle meanwhile refuses the offer (see
+            // `PoolLink::offer`): then it gets the job.
+            loop {
+                let link = self.pools[pool].link.clone();
+                if link.claim(false) {
+                    let started = run.shared.start();
+                    link.send(run);
+                    self.mark_started(id, started, ctx);
+                    break;
+                }
+                match link.offer(run) {
+                    Ok(()) => {
+                        let priority = self.active.get(&id).map_or(0, |j| j.rec.priority);
+                        self.pools[pool].offered.push((id, priority));
+                        break;
+                    }
+                    Err(back) => run = back,
+                }
             }
-        }
-        while self.pools[pool].offered.len() < OFFER_DEPTH && !self.pools[pool].paused {
-            let Some(id) = self.pop_ready(pool) else {
-                return;
-            };
-            let Some(run) = self.prepare(id) else {
-                continue;
-            };
-            let priority = self.active.get(&id).map_or(0, |j| j.rec.priority);
-            let p = &mut self.pools[pool];
-            p.offered.push((id, priority));
-            p.link.offer(run);
         }
     }
 
-    /// Tell the pool's workers whether jobs wait for one of them.
+    /// Tell the pool's workers whether jobs wait for one of them, and open
+    /// the express gate only while nothing waits in its queue (nor could:
+    /// no store, not paused, not shutting down).
     fn update_starving(&mut self, pool: usize, ctx: &mut Context<Self>) {
+        let express_ok = self.store.is_none() && self.closing.is_none();
         let p = &mut self.pools[pool];
+        let express = express_ok && p.queued == 0 && !p.paused;
+        if express != p.express {
+            p.express = express;
+            p.link.set_express(express);
+        }
         let starving = p.queued > p.offered.len() && !p.paused && self.closing.is_none();
         if starving != p.starving {
             p.starving = starving;
@@ -833,13 +857,20 @@ impl Dispatcher {
     fn drain(&mut self, ctx: &mut Context<Self>) {
         for i in 0..self.pools.len() {
             while let Some(report) = self.pools[i].link.next_report() {
-                self.on_report(report, ctx);
+                match report {
+                    Report::Done(done) => self.on_report(done, ctx),
+                    Report::Adopt(job) => self.adopt(*job, ctx),
+                }
             }
             let mut k = 0;
             while k < self.pools[i].retired.len() {
                 while let Some(report) = self.pools[i].retired[k].0.next_report() {
-                    self.on_retired_report(i, k, report, ctx);
+                    match report {
+                        Report::Done(done) => self.on_retired_report(i, k, done, ctx),
+                        Report::Adopt(job) => self.adopt(*job, ctx),
+                    }
                 }
+                // No report comes after the last leaving one.
                 if self.pools[i].retired[k].1 == 0 {
                     self.pools[i].retired.swap_remove(k);
                 } else {
@@ -923,6 +954,64 @@ impl Dispatcher {
         self.persist(id, ctx);
     }
 
+    /// A job a caller started itself on an idle worker (see `express`):
+    /// take it in as running, as if it had been admitted and started here.
+    pub(super) fn adopt(&mut self, job: Adopted, ctx: &mut Context<Self>) {
+        let Adopted {
+            id,
+            kind,
+            pool,
+            payload,
+            shared,
+            options,
+            created_at,
+        } = job;
+        let Some(k) = self.registry.kinds.get(&*kind) else {
+            return;
+        };
+        let start_ms = shared.started().map_or(created_at, |t| {
+            now_ms().saturating_sub(t.elapsed().as_millis() as u64)
+        });
+        let rec = JobRecord {
+            id,
+            kind,
+            pool: self.pools[pool].name.clone(),
+            state: JobState::Running,
+            priority: options.priority,
+            attempt: 1,
+            max_attempts: options.max_attempts.unwrap_or(k.options.max_attempts),
+            payload,
+            result: None,
+            error: None,
+            attempts: vec![Attempt {
+                start: start_ms,
+                end: None,
+                error: None,
+            }],
+            timeout_ms: None,
+            backoff: options.backoff.unwrap_or(k.options.backoff),
+            unique_key: None,
+            after: Box::default(),
+            created_at,
+            run_at: created_at,
+            started_at: Some(start_ms),
+            finished_at: None,
+            submitted_by: options.submitted_by,
+        };
+        let mut active = Active::new(rec, pool);
+        active.attempt = Some(shared);
+        let p = &mut self.pools[pool];
+        p.running += 1;
+        p.counters.submitted += 1;
+        p.counters.started += 1;
+        let totals = kind_totals(&mut self.kinds, &active.rec.kind).pool(pool);
+        totals.counters.submitted += 1;
+        totals.counters.started += 1;
+        totals.queue_wait.record(Duration::ZERO);
+        self.active.insert(id, active);
+        self.persist(id, ctx);
+    }
+
     /// Take back the jobs offered in a pool's handoff slot: they go back to
     /// the queue at their old places. Those a worker took first are running
     /// (the workers' reports will say so).
@@ -963,7 +1052,6 @@ impl Dispatcher {
     /// A worker's report says it took an offered job: it stays busy.
     fn offer_taken(&mut self, pool: usize, took: (JobId, u32), ctx: &mut Context<Self>) {
         let p = &mut self.pools[pool];
-        p.idle -= 1;
         if let Some(i) = p.offered.iter().position(|o| o.0 == took.0) {
             p.offered.remove(i);
             let started = self
@@ -1386,8 +1474,8 @@ impl Dispatcher {
                     p.cfg.name.clone(),
                     PoolStats {
                         threads: p.cfg.threads,
-                        busy: p.cfg.threads - p.idle,
-                        idle: p.idle,
+                        busy: p.cfg.threads.saturating_sub(p.link.idle()),
+                        idle: p.link.idle(),
                         retiring: p.retiring(),
                         queued: p.queued,
                         delayed: p.delayed,
@@ -1451,28 +1539,30 @@ impl Dispatcher {
                 threads,
                 ..self.pools[i].cfg.clone()
             };
-            let link: Arc<PoolLink> = Arc::default();
+            let link = Arc::new(PoolLink::new(threads));
             if self.store.is_some() {
                 link.set_eager();
             }
             let addr = start_pool(&cfg, i, ctx.address(), self.threads.clone(), link.clone())
                 .map_err(JobError::Internal)?;
             self.revoke_offers(i, ctx);
+            self.express.set_link(i, link.clone());
             let p = &mut self.pools[i];
             let old = std::mem::replace(&mut p.link, link);
-            let busy = p.cfg.threads - p.idle;
-            if busy > 0 {
-                // Their reports must not wait for an unrelated message.
-                old.set_eager();
-                p.retired.push((old, busy));
-                self.recheck(ctx);
-            }
-            let p = &mut self.pools[i];
+            let old_threads = p.cfg.threads;
             p.starving = false;
-            p.idle = threads;
+            p.express = false;
             p.cfg.threads = threads;
             // Dropping the old address retires the old SyncArbiter.
             p.addr = Some(addr);
+            // Reports of the old workers must not wait for an unrelated
+            // message.
+            old.set_eager();
+            // Workers busy now each file one report saying they leave
+            // (see `PoolLink::retire`); the link is read until then.
+            let busy = old_threads.saturating_sub(old.retire());
+            self.pools[i].retired.push((old, busy));
+            self.recheck(ctx);
         }
         self.pools[i].cfg.max_queued = max_queued;
         self.pump(i, ctx);
@@ -1506,8 +1596,10 @@ impl Dispatcher {
         )
         .map_err(JobError::Internal)?;
         state.addr = Some(addr);
+        self.express.set_link(i, state.link.clone());
         self.pool_names.insert(state.cfg.name.clone(), i);
         self.pools.push(state);
+        self.update_starving(i, ctx);
         Ok(())
     }
 
@@ -1516,7 +1608,7 @@ impl Dispatcher {
     fn all_idle(&self) -> bool {
         self.pools
             .iter()
-            .all(|p| p.idle == p.cfg.threads && p.retiring() == 0)
+            .all(|p| p.link.idle() == p.cfg.threads && p.retiring() == 0)
     }
 
     /// The drain is over (all workers idle, or the deadline passed): answer
@@ -1681,6 +1773,20 @@ pub(crate) fn outcome_of(rec: &JobRecord) -> Outcome {
     }
 }
 
+impl Drop for Dispatcher {
+    /// However the Dispatcher ends, its workers must leave their pools'
+    /// job channels, or the runtime could not wait for their threads.
+    fn drop(&mut self) {
+        for p in &self.pools {
+            p.link.revoke();
+            p.link.retire();
+            for (old, _) in &p.retired {
+                old.retire();
+            }
+        }
+    }
+}
+
 impl Actor for Dispatcher {
     type Context = Context<Self>;
 
@@ -1695,6 +1801,9 @@ impl Actor for Dispatcher {
         });
         if let Some(recovered) = self.recovered.take() {
             self.restore(recovered, ctx);
+        }
+        for i in 0..self.pools.len() {
+            self.update_starving(i, ctx);
         }
         if let Some((every, _)) = &self.heartbeat {
             ctx.run_interval(*every, |act, ctx| {
