@@ -254,13 +254,7 @@ fn an_express_job_is_retried_cancelled_and_counted_like_any_other() {
 
 #[test]
 fn shutdown_waits_for_express_jobs_and_joins_every_worker() {
-    let gate = Gate::new();
-    let rt = Runtime::builder()
-        .pool("xp", 2)
-        .handler("hold", "xp", held::<u64>(&gate))
-        .start()
-        .unwrap();
-    let h = rt.handle();
+    let (rt, h, gate) = common::held_pool::<u64>("xp", 2);
     let callers: Vec<_> = (0..2u64)
         .map(|n| {
             let h = h.clone();

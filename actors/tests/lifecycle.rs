@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use jobd_actors::{Backoff, JobError, JobOptions, JobState, KindOptions, Runtime};
 
-use common::{Gate, LONG, held};
+use common::{Gate, LONG};
 
 const BACKOFF: Backoff = Backoff {
     base_ms: 20,
@@ -158,13 +158,7 @@ fn kind_defaults_apply_and_submissions_override_them() {
 
 #[test]
 fn wait_any_cancel_and_status() {
-    let gate = Gate::new();
-    let rt = Runtime::builder()
-        .pool("p", 2)
-        .handler("hold", "p", held::<u32>(&gate))
-        .start()
-        .unwrap();
-    let h = rt.handle();
+    let (rt, h, gate) = common::held_pool::<u32>("p", 2);
     let a = h.submit("hold", &1u32, JobOptions::default()).unwrap();
     let b = h.submit("hold", &2u32, JobOptions::default()).unwrap();
     gate.started();

@@ -1,9 +1,10 @@
 //! Helpers shared by the jobd-actors integration tests: a `Gate` that holds
 //! handlers until the test releases them (so tests order events with
-//! channels, not sleeps), ready-made gated and recording handlers, a
-//! runtime whose only worker is held busy (`held_worker`), starting an
-//! app actor on the runtime's System (`start_actor`), thread counting
-//! through `/proc/self/task`, and polling with a deadline.
+//! channels, not sleeps), ready-made gated and recording handlers, the
+//! runtimes most tests start from them (`held_pool`; `held_worker`, whose
+//! only worker is held busy), starting an app actor on the runtime's
+//! System (`start_actor`), thread counting through `/proc/self/task`, and
+//! polling with a deadline.
 
 #![allow(dead_code)] // each test binary uses a different subset
 
@@ -162,6 +163,23 @@ where
     T: DeserializeOwned + Send,
 {
     move |_ctx, x| ran.send(x).map_err(|e| e.to_string())
+}
+
+/// A started runtime with one pool `pool` of `threads` workers and a kind
+/// `hold` on it that holds on the returned gate, then returns its payload
+/// `T` (see [`held`]); and its handle.
+pub fn held_pool<T>(pool: &str, threads: usize) -> (Runtime, Handle, Gate)
+where
+    T: Serialize + DeserializeOwned + 'static,
+{
+    let gate = Gate::new();
+    let rt = Runtime::builder()
+        .pool(pool, threads)
+        .handler("hold", pool, held::<T>(&gate))
+        .start()
+        .unwrap();
+    let h = rt.handle();
+    (rt, h, gate)
 }
 
 /// A started runtime whose one-worker pool is held busy by a `hold` job,
