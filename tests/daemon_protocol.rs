@@ -8,12 +8,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Client, Daemon};
+use common::{Client, Daemon, rq};
 use serde_json::{Value, json};
-
-fn rq(c: &mut Client, v: Value) -> Value {
-    c.request(v).expect("request")
-}
 
 /// Poll `status` until the job is in `state` (at most 10 s).
 fn wait_state(c: &mut Client, job: &Value, state: &str) -> Value {

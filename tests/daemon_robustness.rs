@@ -11,12 +11,8 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::{Client, Daemon};
+use common::{Client, Daemon, rq};
 use serde_json::{Value, json};
-
-fn rq(c: &mut Client, v: Value) -> Value {
-    c.request(v).expect("request")
-}
 
 /// The connection and a fresh one both still answer.
 fn still_serving(d: &Daemon, c: Option<&mut Client>) {
@@ -409,32 +405,36 @@ fn thousands_of_connections_at_once() {
     still_serving(&d, None);
 }
 
+/// A connection that `hello` answers, retrying for up to 5 s while every
+/// slot is taken (the harness's readiness probe may still hold one for a
+/// moment after start-up, and a closed connection frees its slot a moment
+/// after the close).
+fn connect_ok(d: &Daemon) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = d.client();
+        if c.request(json!({"op": "hello"}))
+            .is_ok_and(|r| r["ok"] == true)
+        {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "no free slot");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn connections_over_the_cap_get_unavailable() {
     let d = Daemon::start_with("max_connections = 2\n", &[]);
-    // The harness's readiness probe may still hold a slot for a moment.
-    let connect_ok = || {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let mut c = d.client();
-            if c.request(json!({"op": "hello"}))
-                .is_ok_and(|r| r["ok"] == true)
-            {
-                return c;
-            }
-            assert!(Instant::now() < deadline, "no free slot");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    let a = connect_ok();
-    let _b = connect_ok();
+    let a = connect_ok(&d);
+    let _b = connect_ok(&d);
     let mut c = d.client();
     let r = c.read().unwrap();
     assert_eq!(r["error"]["code"], "unavailable", "{r}");
     assert_eq!(c.read().unwrap(), Value::Null);
     drop(a);
     // A slot frees up once a connection closes.
-    connect_ok();
+    connect_ok(&d);
 }
 
 #[test]
@@ -472,23 +472,10 @@ fn a_client_gone_mid_wait_frees_its_connection_slot() {
     // With room for two connections: one waits on a long job and hangs up.
     // Its slot must come back long before the job ends.
     let d = Daemon::start_with("max_connections = 2\n", &[]);
-    let connect_ok = || {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let mut c = d.client();
-            if c.request(json!({"op": "hello"}))
-                .is_ok_and(|r| r["ok"] == true)
-            {
-                return c;
-            }
-            assert!(Instant::now() < deadline, "no free slot");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    let mut gone = connect_ok();
+    let mut gone = connect_ok(&d);
     gone.send_line(&json!({"id": 1, "op": "submit", "job": {"kind": "sleep", "payload": {"ms": 20000}}, "wait": true}).to_string())
         .unwrap();
-    let mut b = connect_ok();
+    let mut b = connect_ok(&d);
     let deadline = Instant::now() + Duration::from_secs(5);
     while rq(&mut b, json!({"op": "list", "state": "running"}))["jobs"] == json!([]) {
         assert!(Instant::now() < deadline);
@@ -496,7 +483,7 @@ fn a_client_gone_mid_wait_frees_its_connection_slot() {
     }
     drop(gone);
     let started = Instant::now();
-    let _c = connect_ok();
+    let _c = connect_ok(&d);
     assert!(started.elapsed() < Duration::from_secs(5));
     let r = rq(&mut b, json!({"op": "list", "state": "running"}));
     assert_eq!(

@@ -63,11 +63,8 @@ fn restart_keeps_queued_order_priorities_delayed_jobs_and_results() {
         json!({"kind": "echo", "payload": 1, "pool": "work", "delay_ms": 3_600_000}),
     );
     let run_at = status(&mut c, &delayed)["run_at"].clone();
-    drop(c);
-    assert!(d.terminate(Duration::from_secs(20)).success());
 
-    d.restart(&["--durability", "os"]);
-    let mut c = d.client();
+    let mut c = d.stop_and_restart(c, &["--durability", "os"]);
     let rec = status(&mut c, &done);
     assert_eq!(rec["state"], json!("succeeded"));
     assert_eq!(rec["result"], json!({"keep": 1}));
@@ -297,10 +294,7 @@ fn a_full_disk_gives_unavailable_keeps_committed_jobs_and_recovers() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(wait(&mut c, &after, 10_000)["result"], json!("back"));
-    drop(c);
-    assert!(d.terminate(Duration::from_secs(20)).success());
-    d.restart(&["--durability", "os"]);
-    let mut c = d.client();
+    let mut c = d.stop_and_restart(c, &["--durability", "os"]);
     assert_eq!(status(&mut c, &before)["state"], json!("succeeded"));
     assert_eq!(status(&mut c, &after)["state"], json!("succeeded"));
 }

@@ -6,9 +6,9 @@
 // The shared harness predates the clippy rules these lints come from.
 mod common;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
-use common::{Daemon, jobctl, jobctl_bin};
+use common::{Daemon, expect_code, jobctl, jobctl_bin, stderr, stdout};
 use serde_json::{Value, json};
 
 const CONFIG: &str = r#"
@@ -20,35 +20,12 @@ allow = ["/bin/false", "/bin/echo"]
 threads = 1
 "#;
 
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("jobctl exited by a signal")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Assert the exit code, showing both streams when it differs.
-fn expect(o: &Output, want: i32) {
-    assert_eq!(
-        code(o),
-        want,
-        "stdout: {}\nstderr: {}",
-        stdout(o),
-        stderr(o)
-    );
-}
-
 #[test]
 fn not_running_is_a_clear_connection_error_with_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nobody.sock");
     let o = jobctl(&sock, &["hello"]);
-    expect(&o, 2);
+    expect_code(&o, 2);
     let want = format!("cannot connect to {}: is jobd running?", sock.display());
     assert!(stderr(&o).contains(&want), "{}", stderr(&o));
 
@@ -58,7 +35,7 @@ fn not_running_is_a_clear_connection_error_with_exit_2() {
         .env("JOBD_SOCKET", &sock)
         .output()
         .unwrap();
-    expect(&o, 2);
+    expect_code(&o, 2);
     assert!(stderr(&o).contains(&want), "{}", stderr(&o));
 }
 
@@ -67,15 +44,15 @@ fn usage_errors_exit_2_and_help_documents_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("x.sock");
     // Missing kind; bad duration; bad payload JSON (checked before connecting).
-    expect(&jobctl(&sock, &["submit"]), 2);
-    expect(&jobctl(&sock, &["submit", "echo", "--delay", "5"]), 2);
+    expect_code(&jobctl(&sock, &["submit"]), 2);
+    expect_code(&jobctl(&sock, &["submit", "echo", "--delay", "5"]), 2);
     let o = jobctl(&sock, &["submit", "echo", "{not json"]);
-    expect(&o, 2);
+    expect_code(&o, 2);
     assert!(stderr(&o).contains("not valid JSON"), "{}", stderr(&o));
-    expect(&jobctl(&sock, &["frobnicate"]), 2);
+    expect_code(&jobctl(&sock, &["frobnicate"]), 2);
 
     let o = jobctl(&sock, &["--help"]);
-    expect(&o, 0);
+    expect_code(&o, 0);
     let help = stdout(&o);
     assert!(help.contains("Exit codes"), "{help}");
     assert!(help.contains("non-zero code fails"), "{help}");
@@ -87,12 +64,12 @@ fn hello_submit_status_wait_and_list() {
     let s = &d.socket;
 
     let o = jobctl(s, &["hello"]);
-    expect(&o, 0);
+    expect_code(&o, 0);
     assert!(stdout(&o).contains("jobd"), "{}", stdout(&o));
 
     // --wait prints the outcome.
     let o = jobctl(s, &["submit", "echo", r#"{"x": 1}"#, "--wait"]);
-    expect(&o, 0);
+    expect_code(&o, 0);
     assert!(stdout(&o).contains("succeeded"), "{}", stdout(&o));
     assert!(stdout(&o).contains("\"x\": 1"), "{}", stdout(&o));
 
@@ -109,14 +86,14 @@ fn hello_submit_status_wait_and_list() {
             "io",
         ],
     );
-    expect(&o, 0);
+    expect_code(&o, 0);
     let id = stdout(&o).trim().to_string();
     assert!(!id.is_empty() && !id.contains(' '), "{id:?}");
     let o = jobctl(s, &["wait", &id, "--timeout", "10s"]);
-    expect(&o, 0);
+    expect_code(&o, 0);
     assert!(stdout(&o).contains("succeeded"), "{}", stdout(&o));
     let o = jobctl(s, &["status", &id]);
-    expect(&o, 0);
+    expect_code(&o, 0);
     let out = stdout(&o);
     for want in [
         "state:",
@@ -132,13 +109,13 @@ fn hello_submit_status_wait_and_list() {
 
     // --json gives the daemon's answer.
     let o = jobctl(s, &["--json", "status", &id]);
-    expect(&o, 0);
+    expect_code(&o, 0);
     let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(v["job"]["result"], json!([1, 2]));
     assert_eq!(v["job"]["id"], json!(id));
 
     let o = jobctl(s, &["list", "--pool", "io"]);
-    expect(&o, 0);
+    expect_code(&o, 0);
     let out = stdout(&o);
     assert!(out.starts_with("ID"), "{out}");
     assert!(out.lines().any(|l| l.starts_with(&id)), "{out}");
@@ -146,12 +123,12 @@ fn hello_submit_status_wait_and_list() {
         s,
         &["--json", "list", "--state", "succeeded", "--limit", "1"],
     );
-    expect(&o, 0);
+    expect_code(&o, 0);
     let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(v["jobs"].as_array().unwrap().len(), 1, "{v}");
 
     let o = jobctl(s, &["stats"]);
-    expect(&o, 0);
+    expect_code(&o, 0);
     assert!(
         stdout(&o).contains("POOL") && stdout(&o).contains("echo"),
         "{}",
@@ -169,7 +146,7 @@ fn failed_timed_out_cancelled_and_refused_jobs_exit_1() {
         s,
         &["submit", "exec", r#"{"argv": ["/bin/false"]}"#, "--wait"],
     );
-    expect(&o, 1);
+    expect_code(&o, 1);
     assert!(stderr(&o).contains("job_failed"), "{}", stderr(&o));
 
     // Timed out.
@@ -184,20 +161,20 @@ fn failed_timed_out_cancelled_and_refused_jobs_exit_1() {
             "--wait",
         ],
     );
-    expect(&o, 1);
+    expect_code(&o, 1);
     assert!(stderr(&o).contains("timed_out"), "{}", stderr(&o));
 
     // Cancelled, and wait reports it; wait --timeout on an unfinished job.
     let o = jobctl(s, &["submit", "sleep", r#"{"ms": 30000}"#]);
-    expect(&o, 0);
+    expect_code(&o, 0);
     let id = stdout(&o).trim().to_string();
     let o = jobctl(s, &["wait", &id, "--timeout", "100ms"]);
-    expect(&o, 1);
+    expect_code(&o, 1);
     assert!(stdout(&o).contains("not final"), "{}", stdout(&o));
     let o = jobctl(s, &["cancel", &id]);
-    expect(&o, 0);
+    expect_code(&o, 0);
     let o = jobctl(s, &["wait", &id]);
-    expect(&o, 1);
+    expect_code(&o, 1);
     assert!(stdout(&o).contains("cancelled"), "{}", stdout(&o));
 
     // Several ids: 1 when any did not succeed.
@@ -205,16 +182,16 @@ fn failed_timed_out_cancelled_and_refused_jobs_exit_1() {
         .trim()
         .to_string();
     let o = jobctl(s, &["wait", &ok, &id]);
-    expect(&o, 1);
+    expect_code(&o, 1);
     let o = jobctl(s, &["wait", &ok]);
-    expect(&o, 0);
+    expect_code(&o, 0);
 
     // Refused requests.
     let o = jobctl(s, &["submit", "no_such_kind", "--wait"]);
-    expect(&o, 1);
+    expect_code(&o, 1);
     assert!(stderr(&o).contains("unknown_kind"), "{}", stderr(&o));
     let o = jobctl(s, &["status", "999999"]);
-    expect(&o, 1);
+    expect_code(&o, 1);
     assert!(stderr(&o).contains("not_found"), "{}", stderr(&o));
 }
 
@@ -233,7 +210,7 @@ fn payload_from_a_file_and_stdin() {
             "--wait",
         ],
     );
-    expect(&o, 0);
+    expect_code(&o, 0);
     let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(v["result"], json!({"from": "file"}));
 
@@ -247,7 +224,7 @@ fn payload_from_a_file_and_stdin() {
         .unwrap();
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"[\"stdin\"]").unwrap();
     let o = child.wait_with_output().unwrap();
-    expect(&o, 0);
+    expect_code(&o, 0);
     let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(v["result"], json!(["stdin"]));
 }
@@ -256,23 +233,23 @@ fn payload_from_a_file_and_stdin() {
 fn pause_resume_retry_and_dependencies() {
     let d = Daemon::start_with(CONFIG, &[]);
     let s = &d.socket;
-    expect(&jobctl(s, &["pause", "io"]), 0);
+    expect_code(&jobctl(s, &["pause", "io"]), 0);
     let id = stdout(&jobctl(s, &["submit", "echo", "1", "--pool", "io"]))
         .trim()
         .to_string();
     // Paused: still not final a little later.
-    expect(&jobctl(s, &["wait", &id, "--timeout", "200ms"]), 1);
-    expect(&jobctl(s, &["resume", "io"]), 0);
-    expect(&jobctl(s, &["wait", &id, "--timeout", "10s"]), 0);
+    expect_code(&jobctl(s, &["wait", &id, "--timeout", "200ms"]), 1);
+    expect_code(&jobctl(s, &["resume", "io"]), 0);
+    expect_code(&jobctl(s, &["wait", &id, "--timeout", "10s"]), 0);
 
     // A failed job can be retried (it fails again here).
     let o = jobctl(s, &["submit", "exec", r#"{"argv": ["/bin/false"]}"#]);
     let failed = stdout(&o).trim().to_string();
-    expect(&jobctl(s, &["wait", &failed]), 1);
+    expect_code(&jobctl(s, &["wait", &failed]), 1);
     let o = jobctl(s, &["retry", &failed]);
-    expect(&o, 0);
+    expect_code(&o, 0);
     assert!(stdout(&o).contains(&failed), "{}", stdout(&o));
-    expect(&jobctl(s, &["wait", &failed]), 1);
+    expect_code(&jobctl(s, &["wait", &failed]), 1);
 
     // --after: runs once its dependency succeeded; --unique-key dedups.
     let first = stdout(&jobctl(s, &["submit", "sleep", r#"{"ms": 100}"#]))
@@ -291,7 +268,7 @@ fn pause_resume_retry_and_dependencies() {
             "--wait",
         ],
     );
-    expect(&o, 0);
+    expect_code(&o, 0);
     let a = stdout(&jobctl(
         s,
         &["submit", "sleep", r#"{"ms": 2000}"#, "--unique-key", "k2"],
@@ -302,6 +279,6 @@ fn pause_resume_retry_and_dependencies() {
         s,
         &["submit", "sleep", r#"{"ms": 2000}"#, "--unique-key", "k2"],
     );
-    expect(&o, 0);
+    expect_code(&o, 0);
     assert_eq!(stdout(&o).trim(), a);
 }

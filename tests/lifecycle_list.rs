@@ -174,10 +174,7 @@ fn list_filters_and_pages_with_the_store_after_a_restart() {
     let mut c = d.client();
     let jobs = populate(&mut c);
     check(&mut c, &jobs);
-    drop(c);
-    assert!(d.terminate(LONG).success());
-    d.restart(DURABLE);
-    let mut c = d.client();
+    let mut c = d.stop_and_restart(c, DURABLE);
     check(&mut c, &jobs);
     // Records read back are whole.
     let (page, _) = list_page(&mut c, json!({"state": "dead", "limit": 1}));

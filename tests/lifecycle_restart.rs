@@ -12,18 +12,6 @@ use common::Daemon;
 use lifecycle_common::*;
 use serde_json::{Value, json};
 
-fn failing(extra: Value) -> Value {
-    let mut job = json!({"kind": "sleep", "payload": {"ms": "soon"}});
-    if let (Some(j), Some(e)) = (job.as_object_mut(), extra.as_object()) {
-        j.extend(e.clone());
-    }
-    job
-}
-
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
 fn paused(c: &mut common::Client, pool: &str) -> Value {
     ok(c, json!({"op": "stats"}))["pools"][pool]["paused"].clone()
 }
@@ -52,10 +40,8 @@ fn a_delayed_retry_keeps_its_run_at_and_attempts_across_a_crash() {
         r["attempt"] == 1 && r["state"] != "running"
     });
     barrier(&mut c);
-    drop(c);
 
-    d.restart(DURABLE);
-    let mut c = d.client();
+    let mut c = d.crash_and_restart(c, DURABLE);
     let rec = status(&mut c, &slow);
     for field in [
         "state",
@@ -95,24 +81,10 @@ fn a_delayed_retry_keeps_its_run_at_and_attempts_across_a_crash() {
 fn dead_jobs_stay_dead_listable_and_retryable_after_a_crash() {
     let mut d = Daemon::start_with("[pools.default]\nthreads = 2\n", DURABLE);
     let mut c = d.client();
-    let r = rq(
-        &mut c,
-        json!({"op": "submit", "wait": true,
-               "job": failing(json!({"max_attempts": 2, "backoff": {"base_ms": 1}}))}),
-    );
-    assert_eq!(r["state"], "dead");
-    let dead = r["job"].clone();
-    let r = rq(
-        &mut c,
-        json!({"op": "submit", "wait": true, "job": failing(json!({}))}),
-    );
-    assert_eq!(r["state"], "failed");
-    let failed = r["job"].clone();
+    let (dead, failed) = dead_and_failed(&mut c);
     barrier(&mut c);
-    drop(c);
 
-    d.restart(DURABLE);
-    let mut c = d.client();
+    let mut c = d.crash_and_restart(c, DURABLE);
     let rec = status(&mut c, &dead);
     assert_eq!(
         (&rec["state"], &rec["attempt"]),
@@ -151,10 +123,8 @@ fn unique_keys_still_deduplicate_after_a_crash() {
         &mut c,
         json!({"kind": "echo", "payload": 2, "delay_ms": 3_600_000, "unique_key": "k2"}),
     );
-    drop(c);
 
-    d.restart(DURABLE);
-    let mut c = d.client();
+    let mut c = d.crash_and_restart(c, DURABLE);
     assert_eq!(paused(&mut c, "work"), true);
     assert_eq!(status(&mut c, &held)["state"], "queued");
     let r = ok(
@@ -229,10 +199,8 @@ fn dependency_chains_go_on_after_a_crash() {
     let bad = submit(&mut c, failing(json!({"pool": "work"})));
     let orphan = submit(&mut c, json!({"kind": "echo", "after": [a, bad]}));
     assert_eq!(status(&mut c, &b)["state"], "delayed");
-    drop(c);
 
-    d.restart(DURABLE);
-    let mut c = d.client();
+    let mut c = d.crash_and_restart(c, DURABLE);
     assert_eq!(paused(&mut c, "work"), true);
     for (id, state) in [
         (&a, "queued"),

@@ -11,20 +11,6 @@ use common::Daemon;
 use lifecycle_common::*;
 use serde_json::{Value, json};
 
-/// A `sleep` job whose payload cannot be decoded: every attempt fails at
-/// once with `job_failed`.
-fn failing(extra: Value) -> Value {
-    let mut job = json!({"kind": "sleep", "payload": {"ms": "soon"}});
-    if let (Some(j), Some(e)) = (job.as_object_mut(), extra.as_object()) {
-        j.extend(e.clone());
-    }
-    job
-}
-
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
 /// `run_at - end` of the attempt that just failed must be the nominal
 /// delay minus at most 20% jitter (plus a few ms between the two clock
 /// reads that record them).
@@ -230,19 +216,7 @@ fn jobctl_submits_with_backoff_and_shows_every_attempt() {
 fn dead_and_failed_jobs_are_retried_with_fresh_attempts() {
     let d = Daemon::start_with("[pools.work]\nthreads = 2\n", &[]);
     let mut c = d.client();
-    let r = rq(
-        &mut c,
-        json!({"op": "submit", "wait": true,
-               "job": failing(json!({"max_attempts": 2, "backoff": {"base_ms": 1}}))}),
-    );
-    assert_eq!(r["state"], "dead");
-    let dead = r["job"].clone();
-    let r = rq(
-        &mut c,
-        json!({"op": "submit", "wait": true, "job": failing(json!({}))}),
-    );
-    assert_eq!(r["state"], "failed");
-    let failed = r["job"].clone();
+    let (dead, failed) = dead_and_failed(&mut c);
 
     // Listed by state; retried: queued again, attempt 0, history kept.
     let (ids, _) = list_page(&mut c, json!({"state": "dead"}));

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, jobctl, jobctl_bin};
+use common::{Daemon, expect_code, jobctl, jobctl_bin, stderr, stdout};
 use serde_json::json;
 
 const CONFIG: &str = r#"
@@ -19,24 +19,6 @@ threads = 2
 [pools.io]
 threads = 1
 "#;
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn expect(o: &Output, code: i32) {
-    assert_eq!(
-        o.status.code(),
-        Some(code),
-        "stdout: {}\nstderr: {}",
-        out(o),
-        err(o)
-    );
-}
 
 fn write_batch(dir: &Path, lines: &[String]) -> String {
     let f = dir.join("jobs.jsonl");
@@ -56,10 +38,10 @@ fn batch_submits_every_line_and_reports_plain_progress_off_a_terminal() {
 
     let o = jobctl(&d.socket, &["submit", "--batch", &file]);
     // One job was refused: exit 1, and the other 40 were submitted.
-    expect(&o, 1);
-    let ids: Vec<String> = out(&o).lines().map(str::to_string).collect();
-    assert_eq!(ids.len(), 40, "{}", out(&o));
-    let e = err(&o);
+    expect_code(&o, 1);
+    let ids: Vec<String> = stdout(&o).lines().map(str::to_string).collect();
+    assert_eq!(ids.len(), 40, "{}", stdout(&o));
+    let e = stderr(&o);
     assert!(e.contains("jobctl: submitted 41/41 jobs in "), "{e}");
     assert!(e.contains("1 refused"), "{e}");
     assert!(e.contains("line 42: unknown_kind"), "{e}");
@@ -80,12 +62,15 @@ fn batch_submits_every_line_and_reports_plain_progress_off_a_terminal() {
     let mut args = vec!["wait"];
     args.extend(ids.iter().map(String::as_str));
     let o = jobctl(&d.socket, &args);
-    expect(&o, 0);
+    expect_code(&o, 0);
     assert_eq!(
-        out(&o).lines().filter(|l| l.contains("succeeded")).count(),
+        stdout(&o)
+            .lines()
+            .filter(|l| l.contains("succeeded"))
+            .count(),
         40
     );
-    let e = err(&o);
+    let e = stderr(&o);
     assert!(e.contains("jobctl: final 40/40 jobs in "), "{e}");
     assert!(e.contains(": 40 succeeded"), "{e}");
     assert!(!e.contains('\u{1b}'), "{e:?}");
@@ -114,8 +99,8 @@ fn batch_wait_shows_every_outcome_and_options_fill_in_fields() {
         ],
     );
     // One job failed: exit 1 after all are final.
-    expect(&o, 1);
-    let table = out(&o);
+    expect_code(&o, 1);
+    let table = stdout(&o);
     let rows: Vec<&str> = table.lines().skip(1).collect();
     assert_eq!(rows.len(), 3, "{table}");
     assert!(rows[0].contains("succeeded"), "{table}");
@@ -127,7 +112,7 @@ fn batch_wait_shows_every_outcome_and_options_fill_in_fields() {
         rows[2].contains("succeeded") && rows[2].contains("\"x\""),
         "{table}"
     );
-    let e = err(&o);
+    let e = stderr(&o);
     assert!(e.contains("submitted 3/3 jobs"), "{e}");
     assert!(
         e.contains("final 3/3 jobs") && e.contains("2 succeeded"),
@@ -154,15 +139,19 @@ fn a_bad_batch_file_is_a_usage_error_naming_the_line() {
     let file = write_batch(dir.path(), &["{\"kind\":\"echo\"}".into(), "{oops".into()]);
     // Checked before connecting: no daemon needed.
     let o = jobctl(&dir.path().join("none.sock"), &["submit", "--batch", &file]);
-    expect(&o, 2);
-    assert!(err(&o).contains("line 2: not valid JSON"), "{}", err(&o));
+    expect_code(&o, 2);
+    assert!(
+        stderr(&o).contains("line 2: not valid JSON"),
+        "{}",
+        stderr(&o)
+    );
     let o = jobctl(
         &dir.path().join("none.sock"),
         &["submit", "echo", "--batch", &file],
     );
-    expect(&o, 2);
+    expect_code(&o, 2);
     let o = jobctl(&dir.path().join("none.sock"), &["submit"]);
-    expect(&o, 2);
+    expect_code(&o, 2);
 }
 
 #[test]
@@ -170,8 +159,8 @@ fn completions_cover_the_subcommands() {
     let dir = tempfile::tempdir().unwrap();
     let none = dir.path().join("none.sock");
     let o = jobctl(&none, &["completions", "bash"]);
-    expect(&o, 0);
-    let bash = out(&o);
+    expect_code(&o, 0);
+    let bash = stdout(&o);
     assert!(bash.contains("complete -F"), "{bash}");
     for sub in [
         "submit",
@@ -187,21 +176,21 @@ fn completions_cover_the_subcommands() {
     }
     for shell in ["zsh", "fish"] {
         let o = jobctl(&none, &["completions", shell]);
-        expect(&o, 0);
+        expect_code(&o, 0);
         assert!(
-            out(&o).contains("jobctl") && out(&o).contains("submit"),
+            stdout(&o).contains("jobctl") && stdout(&o).contains("submit"),
             "{shell}"
         );
     }
-    expect(&jobctl(&none, &["completions", "tcsh"]), 2);
+    expect_code(&jobctl(&none, &["completions", "tcsh"]), 2);
 }
 
 #[test]
 fn top_needs_a_terminal() {
     let d = Daemon::start_with(CONFIG, &[]);
     let o = jobctl(&d.socket, &["top"]);
-    expect(&o, 2);
-    assert!(err(&o).contains("needs a terminal"), "{}", err(&o));
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("needs a terminal"), "{}", stderr(&o));
 }
 
 /// A private tmux server for one test, killed on drop.
@@ -221,7 +210,7 @@ impl Tmux {
     }
 
     fn screen(&self) -> String {
-        out(&self.cmd(&["capture-pane", "-p", "-t", "top"]))
+        stdout(&self.cmd(&["capture-pane", "-p", "-t", "top"]))
     }
 
     /// Poll the screen until `pred` holds (at most 20 s).
@@ -270,7 +259,7 @@ fn top_runs_live_under_tmux_and_quits_on_q() {
         "36",
         &command,
     ]);
-    assert!(o.status.success(), "{}", err(&o));
+    assert!(o.status.success(), "{}", stderr(&o));
     tmux.until("pool table", |s| {
         s.contains("jobd top")
             && s.lines()

@@ -14,23 +14,17 @@ use std::time::Duration;
 use serde_json::json;
 
 use common::{Client, signal, wait_exit};
-use systemd_support::{NotifySocket, Reap, Setup};
-
-const LONG: Duration = Duration::from_secs(20);
+use systemd_support::{LONG, NotifySocket, Reap, Setup};
 
 #[test]
 fn ready_status_watchdog_and_stopping() {
     let mut notify = NotifySocket::new();
     let setup = Setup::new("shutdown_timeout_secs = 20\n");
-    let path = notify.path().to_str().unwrap().to_string();
-    let mut child = Reap(setup.spawn(
-        &[
-            ("NOTIFY_SOCKET", &path),
-            ("WATCHDOG_USEC", "200000"),
-            ("JOBD_LOG", "warn"),
-        ],
+    let mut child = setup.spawn_notifying(
+        &notify,
+        &[("WATCHDOG_USEC", "200000"), ("JOBD_LOG", "warn")],
         Stdio::inherit(),
-    ));
+    );
 
     // READY=1: connect at once, no retry. It must work.
     let ready = notify.wait_from(&mut child.0, LONG, "READY=1", |m| m.has("READY=1"));
@@ -93,16 +87,15 @@ fn ready_status_watchdog_and_stopping() {
 fn no_watchdog_pings_when_watchdog_pid_is_another_process() {
     let mut notify = NotifySocket::new();
     let setup = Setup::new("");
-    let path = notify.path().to_str().unwrap().to_string();
-    let mut child = Reap(setup.spawn(
+    let mut child = setup.spawn_notifying(
+        &notify,
         &[
-            ("NOTIFY_SOCKET", &path),
             ("WATCHDOG_USEC", "100000"),
             ("WATCHDOG_PID", "1"),
             ("JOBD_LOG", "warn"),
         ],
         Stdio::inherit(),
-    ));
+    );
     notify.wait_from(&mut child.0, LONG, "READY=1", |m| m.has("READY=1"));
     // Twelve watchdog intervals' worth of silence.
     let got = notify.collect_for(Duration::from_millis(600));

@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use common::{Client, signal, wait_exit};
-use systemd_support::{NotifySocket, Reap, Setup};
-
-const LONG: Duration = Duration::from_secs(20);
+use systemd_support::{LONG, NotifySocket, Setup};
 
 const BEFORE: &str = r#"
 log_level = "warn"
@@ -163,12 +161,8 @@ fn pool(c: &mut Client) -> Value {
 fn sighup_applies_log_level_pools_and_auth_while_jobs_flow() {
     let setup = Setup::new(BEFORE);
     let mut notify = NotifySocket::new();
-    let path = notify.path().to_str().unwrap().to_string();
     // JOBD_LOG empty: the configured log_level decides.
-    let mut child = Reap(setup.spawn(
-        &[("NOTIFY_SOCKET", &path), ("JOBD_LOG", "")],
-        Stdio::piped(),
-    ));
+    let mut child = setup.spawn_notifying(&notify, &[("JOBD_LOG", "")], Stdio::piped());
     let mut log = Log::new(child.0.stderr.take().unwrap());
     notify.wait_for(LONG, "READY=1", |m| m.has("READY=1"));
     let mut admin = Client::connect(&setup.socket).unwrap();
@@ -260,11 +254,7 @@ fn sighup_applies_log_level_pools_and_auth_while_jobs_flow() {
 fn sighup_adds_a_pool_live() {
     let setup = Setup::new("");
     let mut notify = NotifySocket::new();
-    let path = notify.path().to_str().unwrap().to_string();
-    let mut child = Reap(setup.spawn(
-        &[("NOTIFY_SOCKET", &path), ("JOBD_LOG", "warn")],
-        Stdio::inherit(),
-    ));
+    let mut child = setup.spawn_notifying(&notify, &[("JOBD_LOG", "warn")], Stdio::inherit());
     notify.wait_for(LONG, "READY=1", |m| m.has("READY=1"));
     let mut c = Client::connect(&setup.socket).unwrap();
     let job = json!({"op": "submit", "wait": true,

@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use common::{Client, jobd_bin, signal, wait_exit};
-use systemd_support::{NotifySocket, Reap, Setup};
-
-const LONG: Duration = Duration::from_secs(20);
+use systemd_support::{LONG, NotifySocket, Reap, Setup};
 
 const TOOL: &str = "systemd-socket-activate";
 

@@ -79,15 +79,7 @@ fn assert_all_refused(results: Vec<(&'static str, Result<(), JobError>)>) {
 fn blocking_calls_inside_an_actor_are_refused_not_hung() {
     let rt = runtime();
     let h = rt.handle();
-    let addr = h
-        .run(
-            {
-                let h = h.clone();
-                move || async move { Probe { h }.start() }
-            },
-            LONG,
-        )
-        .unwrap();
+    let addr = common::start_actor(&h, |h| Probe { h });
     assert_all_refused(h.send(&addr, TryBlocking, LONG).unwrap());
 
     // Directly inside a bridged future, too.

@@ -8,17 +8,13 @@ mod common;
 use actix::{Actor, Context, Handler, Message, ResponseFuture};
 use jobd_actors::{Handle, JobError, JobOptions, JobSpec, JobState, Runtime};
 
-use common::{Gate, LONG};
+use common::{Gate, LONG, held};
 
 fn runtime(gate: &Gate) -> Runtime {
-    let g = gate.clone();
     Runtime::builder()
         .pool("slow", 1)
         .pool("fast", 2)
-        .handler("hold", "slow", move |ctx, x: u64| {
-            g.hold(ctx);
-            Ok::<u64, String>(x)
-        })
+        .handler("hold", "slow", held::<u64>(gate))
         .handler("double", "fast", |_ctx, x: u64| Ok::<u64, String>(x * 2))
         .handler("fail", "fast", |_ctx, _: ()| Err::<(), _>("no"))
         .start()
@@ -84,15 +80,7 @@ fn async_calls_inside_an_actor_do_not_block_its_arbiter() {
     let gate = Gate::new();
     let rt = runtime(&gate);
     let h = rt.handle();
-    let addr = h
-        .run(
-            {
-                let h = h.clone();
-                move || async move { Orchestrator { h }.start() }
-            },
-            LONG,
-        )
-        .unwrap();
+    let addr = common::start_actor(&h, |h| Orchestrator { h });
 
     // The actor awaits a job that is held...
     let held = {

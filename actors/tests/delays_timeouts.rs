@@ -6,10 +6,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::unbounded;
+use crossbeam_channel::{Receiver, unbounded};
 use jobd_actors::{JobError, JobOptions, JobState, Runtime};
 
-use common::{Gate, LONG};
+use common::{Gate, HeldWorker, LONG, held_then_report_cancel, held_worker};
 
 #[test]
 fn a_delayed_job_does_not_start_early() {
@@ -44,23 +44,7 @@ fn a_delayed_job_does_not_start_early() {
 
 #[test]
 fn a_cancelled_queued_or_delayed_job_never_runs() {
-    let gate = Gate::new();
-    let g = gate.clone();
-    let (ran_tx, ran_rx) = unbounded::<String>();
-    let rt = Runtime::builder()
-        .pool("p", 1)
-        .handler("hold", "p", move |ctx, _: ()| {
-            g.hold(ctx);
-            Ok::<(), String>(())
-        })
-        .handler("tag", "p", move |_ctx, tag: String| {
-            ran_tx.send(tag).map_err(|e| e.to_string())
-        })
-        .start()
-        .unwrap();
-    let h = rt.handle();
-    let holder = h.submit("hold", &(), JobOptions::default()).unwrap();
-    gate.started();
+    let HeldWorker(rt, h, gate, holder, ran_rx) = held_worker::<String>("p", "tag");
 
     let queued = h.submit("tag", "queued", JobOptions::default()).unwrap();
     let delayed = h
@@ -165,20 +149,22 @@ fn a_timeout_answers_the_waiter_while_the_handler_still_runs() {
     rt.shutdown(LONG).unwrap();
 }
 
-#[test]
-fn a_call_that_stops_waiting_cancels_its_job_and_wait_does_not() {
+/// A runtime with `threads` workers in pool `p` and a kind `hold` that
+/// holds on the gate, then says on the receiver whether it was told to stop.
+fn stubborn_runtime(threads: usize) -> (Runtime, Gate, Receiver<bool>) {
     let gate = Gate::new();
-    let g = gate.clone();
     let (seen_tx, seen_rx) = unbounded::<bool>();
     let rt = Runtime::builder()
-        .pool("p", 2)
-        .handler("hold", "p", move |ctx, _: ()| {
-            g.hold(ctx);
-            let _ = seen_tx.send(ctx.is_cancelled());
-            Ok::<(), String>(())
-        })
+        .pool("p", threads)
+        .handler("hold", "p", held_then_report_cancel(&gate, seen_tx))
         .start()
         .unwrap();
+    (rt, gate, seen_rx)
+}
+
+#[test]
+fn a_call_that_stops_waiting_cancels_its_job_and_wait_does_not() {
+    let (rt, gate, seen_rx) = stubborn_runtime(2);
     let h = rt.handle();
 
     match h.call::<_, ()>("hold", &(), Duration::from_millis(100)) {
@@ -193,8 +179,7 @@ fn a_call_that_stops_waiting_cancels_its_job_and_wait_does_not() {
         other => panic!("expected WaitTimeout, got {other:?}"),
     }
 
-    let id = h.submit("hold", &(), JobOptions::default()).unwrap();
-    assert_eq!(gate.started(), id);
+    let id = gate.occupy(&h, "hold");
     match h.wait::<()>(id, Duration::from_millis(50)) {
         Err(e @ JobError::WaitTimeout { .. }) => assert_eq!(e.code(), "timeout"),
         other => panic!("expected WaitTimeout, got {other:?}"),
@@ -208,21 +193,9 @@ fn a_call_that_stops_waiting_cancels_its_job_and_wait_does_not() {
 
 #[test]
 fn cancelling_a_running_job_answers_its_waiters_at_once() {
-    let gate = Gate::new();
-    let g = gate.clone();
-    let (seen_tx, seen_rx) = unbounded::<bool>();
-    let rt = Runtime::builder()
-        .pool("p", 1)
-        .handler("hold", "p", move |ctx, _: ()| {
-            g.hold(ctx);
-            let _ = seen_tx.send(ctx.is_cancelled());
-            Ok::<(), String>(())
-        })
-        .start()
-        .unwrap();
+    let (rt, gate, seen_rx) = stubborn_runtime(1);
     let h = rt.handle();
-    let id = h.submit("hold", &(), JobOptions::default()).unwrap();
-    gate.started();
+    let id = gate.occupy(&h, "hold");
     let waiter = {
         let h = h.clone();
         std::thread::spawn(move || h.wait::<()>(id, LONG))

@@ -10,15 +10,53 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::bounded;
-use jobd_actors::{Backoff, JobError, JobOptions, JobState, KindOptions, Runtime};
+use crossbeam_channel::{Sender, bounded};
+use jobd_actors::{Backoff, Handle, JobError, JobOptions, JobState, KindOptions, Runtime};
 
-use common::{Gate, LONG};
+use common::{Gate, LONG, held};
 
 /// A short wait: long enough for a job that could start to start.
 const SHORT: Duration = Duration::from_millis(150);
+
+/// The runtime's System thread (the Dispatcher's) blocked by a future that
+/// waits for `release` (or `LONG`): only what does not need the Dispatcher
+/// can happen meanwhile.
+struct DispatcherBlock {
+    unblock: Sender<()>,
+    thread: JoinHandle<Result<(), JobError>>,
+}
+
+impl DispatcherBlock {
+    /// Block it; returns once the System thread is blocked.
+    fn new(h: &Handle) -> Self {
+        let (entered_tx, entered_rx) = bounded::<()>(1);
+        let (unblock, unblock_rx) = bounded::<()>(1);
+        let thread = {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                h.run(
+                    move || async move {
+                        let _ = entered_tx.send(());
+                        // Deliberately blocks the event loop (test only).
+                        let _ = unblock_rx.recv_timeout(LONG);
+                    },
+                    LONG,
+                )
+            })
+        };
+        entered_rx.recv_timeout(LONG).unwrap();
+        DispatcherBlock { unblock, thread }
+    }
+
+    /// Let the System thread go on; returns once the blocking future ended.
+    fn release(self) {
+        self.unblock.send(()).unwrap();
+        self.thread.join().unwrap().unwrap();
+    }
+}
 
 #[test]
 fn a_call_completes_while_the_dispatcher_is_blocked() {
@@ -30,27 +68,11 @@ fn a_call_completes_while_the_dispatcher_is_blocked() {
     let h = rt.handle();
     // Block the System thread (the Dispatcher's) until told: only a call
     // that does not need the Dispatcher can complete meanwhile.
-    let (entered_tx, entered_rx) = bounded::<()>(1);
-    let (unblock_tx, unblock_rx) = bounded::<()>(1);
-    let blocker = {
-        let h = h.clone();
-        std::thread::spawn(move || {
-            h.run(
-                move || async move {
-                    let _ = entered_tx.send(());
-                    // Deliberately blocks the event loop (test only).
-                    let _ = unblock_rx.recv_timeout(LONG);
-                },
-                LONG,
-            )
-        })
-    };
-    entered_rx.recv_timeout(LONG).unwrap();
+    let blocked = DispatcherBlock::new(&h);
     // Shorter than the blocker's wait: through the Dispatcher, it would
     // time out.
     let got: Result<u64, JobError> = h.call("double", &21u64, Duration::from_secs(2));
-    unblock_tx.send(()).unwrap();
-    blocker.join().unwrap().unwrap();
+    blocked.release();
     assert_eq!(got.unwrap(), 42);
 
     // Once the Dispatcher runs again, it knows the job as any other.
@@ -75,15 +97,11 @@ fn a_call_completes_while_the_dispatcher_is_blocked() {
 #[test]
 fn a_call_waits_behind_queued_jobs_and_for_a_paused_pool() {
     let gate = Gate::new();
-    let g = gate.clone();
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let o = order.clone();
     let rt = Runtime::builder()
         .pool("one", 1)
-        .handler("hold", "one", move |ctx, _: ()| {
-            g.hold(ctx);
-            Ok::<(), String>(())
-        })
+        .handler("hold", "one", held::<()>(&gate))
         .handler("note", "one", move |_ctx, name: String| {
             o.lock().unwrap().push(name);
             Ok::<(), String>(())
@@ -94,8 +112,7 @@ fn a_call_waits_behind_queued_jobs_and_for_a_paused_pool() {
 
     // The only worker is busy; jobs queue behind it: some are offered to
     // it in the handoff slot, the rest wait in the Dispatcher's queue.
-    let held = h.submit("hold", &(), JobOptions::default()).unwrap();
-    gate.started();
+    let holder = gate.occupy(&h, "hold");
     const QUEUED: usize = 40;
     let mut last = None;
     for i in 0..QUEUED {
@@ -106,23 +123,8 @@ fn a_call_waits_behind_queued_jobs_and_for_a_paused_pool() {
     }
     // With the Dispatcher blocked, the worker runs the offered jobs and then
     // sits idle while the others still wait in the Dispatcher's queue.
-    let (entered_tx, entered_rx) = bounded::<()>(1);
-    let (unblock_tx, unblock_rx) = bounded::<()>(1);
-    let blocker = {
-        let h = h.clone();
-        std::thread::spawn(move || {
-            h.run(
-                move || async move {
-                    let _ = entered_tx.send(());
-                    // Deliberately blocks the event loop (test only).
-                    let _ = unblock_rx.recv_timeout(LONG);
-                },
-                LONG,
-            )
-        })
-    };
-    entered_rx.recv_timeout(LONG).unwrap();
-    gate.release_job(held);
+    let blocked = DispatcherBlock::new(&h);
+    gate.release_job(holder);
     let mut ran = 0;
     assert!(common::eventually(LONG, || {
         std::thread::sleep(SHORT);
@@ -141,8 +143,7 @@ fn a_call_waits_behind_queued_jobs_and_for_a_paused_pool() {
         std::thread::spawn(move || h.call::<_, ()>("note", &"call".to_string(), LONG))
     };
     std::thread::sleep(SHORT);
-    unblock_tx.send(()).unwrap();
-    blocker.join().unwrap().unwrap();
+    blocked.release();
     caller.join().unwrap().unwrap();
     h.wait_record(last.unwrap(), LONG).unwrap();
     {
@@ -253,17 +254,7 @@ fn an_express_job_is_retried_cancelled_and_counted_like_any_other() {
 
 #[test]
 fn shutdown_waits_for_express_jobs_and_joins_every_worker() {
-    let gate = Gate::new();
-    let g = gate.clone();
-    let rt = Runtime::builder()
-        .pool("xp", 2)
-        .handler("hold", "xp", move |ctx, n: u64| {
-            g.hold(ctx);
-            Ok::<u64, String>(n)
-        })
-        .start()
-        .unwrap();
-    let h = rt.handle();
+    let (rt, h, gate) = common::held_pool::<u64>("xp", 2);
     let callers: Vec<_> = (0..2u64)
         .map(|n| {
             let h = h.clone();

@@ -158,17 +158,7 @@ fn kind_defaults_apply_and_submissions_override_them() {
 
 #[test]
 fn wait_any_cancel_and_status() {
-    let gate = Gate::new();
-    let g = gate.clone();
-    let rt = Runtime::builder()
-        .pool("p", 2)
-        .handler("hold", "p", move |ctx, x: u32| {
-            g.hold(ctx);
-            Ok::<u32, String>(x)
-        })
-        .start()
-        .unwrap();
-    let h = rt.handle();
+    let (rt, h, gate) = common::held_pool::<u32>("p", 2);
     let a = h.submit("hold", &1u32, JobOptions::default()).unwrap();
     let b = h.submit("hold", &2u32, JobOptions::default()).unwrap();
     gate.started();

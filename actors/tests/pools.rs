@@ -7,19 +7,15 @@ mod common;
 
 use jobd_actors::{JobOptions, JobState, Runtime};
 
-use common::{Gate, LONG, assert_threads_named};
+use common::{Gate, LONG, assert_threads_named, held};
 
 #[test]
 fn a_held_slow_pool_does_not_delay_the_fast_pool() {
     let gate = Gate::new();
-    let g = gate.clone();
     let rt = Runtime::builder()
         .pool("slow", 1)
         .pool("fast", 2)
-        .handler("block", "slow", move |ctx, _: ()| {
-            g.hold(ctx);
-            Ok::<(), String>(())
-        })
+        .handler("block", "slow", held::<()>(&gate))
         .handler("quick", "fast", |ctx, x: u32| {
             Ok::<(u32, String), String>((x, ctx.pool().to_string()))
         })
@@ -29,8 +25,7 @@ fn a_held_slow_pool_does_not_delay_the_fast_pool() {
     assert_threads_named("jobd-slow-", 1);
     assert_threads_named("jobd-fast-", 2);
 
-    let blocked = h.submit("block", &(), JobOptions::default()).unwrap();
-    gate.started();
+    let blocked = gate.occupy(&h, "block");
     // A second slow job has to wait for the held one.
     let queued = h.submit("block", &(), JobOptions::default()).unwrap();
 

@@ -3,31 +3,13 @@
 
 mod common;
 
-use crossbeam_channel::unbounded;
-use jobd_actors::{JobOptions, Runtime};
+use jobd_actors::JobOptions;
 
-use common::{Gate, LONG};
+use common::{HeldWorker, LONG, held_worker};
 
 #[test]
 fn higher_priority_first_fifo_within_equal() {
-    let gate = Gate::new();
-    let g = gate.clone();
-    let (ran_tx, ran_rx) = unbounded::<String>();
-    let rt = Runtime::builder()
-        .pool("one", 1)
-        .handler("hold", "one", move |ctx, _: ()| {
-            g.hold(ctx);
-            Ok::<(), String>(())
-        })
-        .handler("tag", "one", move |_ctx, tag: String| {
-            ran_tx.send(tag).map_err(|e| e.to_string())
-        })
-        .start()
-        .unwrap();
-    let h = rt.handle();
-
-    let holder = h.submit("hold", &(), JobOptions::default()).unwrap();
-    gate.started();
+    let HeldWorker(rt, h, gate, holder, ran_rx) = held_worker::<String>("one", "tag");
 
     let submitted = [
         ("p1", 1),
@@ -72,23 +54,7 @@ fn higher_priority_first_fifo_within_equal() {
 
 #[test]
 fn order_holds_after_many_queued_jobs_were_cancelled() {
-    let gate = Gate::new();
-    let g = gate.clone();
-    let (ran_tx, ran_rx) = unbounded::<u32>();
-    let rt = Runtime::builder()
-        .pool("one", 1)
-        .handler("hold", "one", move |ctx, _: ()| {
-            g.hold(ctx);
-            Ok::<(), String>(())
-        })
-        .handler("n", "one", move |_ctx, n: u32| {
-            ran_tx.send(n).map_err(|e| e.to_string())
-        })
-        .start()
-        .unwrap();
-    let h = rt.handle();
-    let holder = h.submit("hold", &(), JobOptions::default()).unwrap();
-    gate.started();
+    let HeldWorker(rt, h, gate, holder, ran_rx) = held_worker::<u32>("one", "n");
 
     // 400 queued jobs over 3 priorities; cancel all but every 8th, which
     // leaves far more cancelled entries than live ones behind the held

@@ -8,23 +8,19 @@ use std::time::Duration;
 
 use jobd_actors::{JobError, JobOptions, JobSpec, PoolConfig, Runtime};
 
-use common::{Gate, LONG};
+use common::{Gate, LONG, held};
 
 const MAX_QUEUED: usize = 3;
 
 #[test]
 fn max_queued_reached_gives_queue_full_and_the_pool_recovers() {
     let gate = Gate::new();
-    let g = gate.clone();
     let rt = Runtime::builder()
         .pool_config(PoolConfig {
             max_queued: MAX_QUEUED,
             ..PoolConfig::new("small", 1)
         })
-        .handler("hold", "small", move |ctx, x: u32| {
-            g.hold(ctx);
-            Ok::<u32, String>(x)
-        })
+        .handler("hold", "small", held::<u32>(&gate))
         .start()
         .unwrap();
     let h = rt.handle();

@@ -10,15 +10,17 @@ mod common;
 
 use std::time::Duration;
 
-use jobd_actors::{JobError, JobOptions, JobState, PoolConfig, Runtime};
+use jobd_actors::{Handle, JobError, JobId, JobOptions, JobState, PoolConfig, Runtime};
 
 use common::{Gate, LONG, assert_threads_named, eventually, threads_named};
 
-/// A runtime with one pool `pool` of `threads` workers, `max_queued` 100,
-/// and a kind `hold` on it that blocks on `gate`.
-fn runtime(pool: &str, threads: usize, gate: &Gate) -> Runtime {
+/// A started runtime with one pool `pool` of `threads` workers,
+/// `max_queued` 100, and a kind `hold` on it that blocks on the returned
+/// gate, then returns the name of the pool it ran on; and its handle.
+fn runtime(pool: &str, threads: usize) -> (Runtime, Handle, Gate) {
+    let gate = Gate::new();
     let g = gate.clone();
-    Runtime::builder()
+    let rt = Runtime::builder()
         .pool_config(PoolConfig {
             name: pool.into(),
             threads,
@@ -29,18 +31,18 @@ fn runtime(pool: &str, threads: usize, gate: &Gate) -> Runtime {
             Ok::<String, String>(ctx.pool().to_string())
         })
         .start()
-        .unwrap()
+        .unwrap();
+    let h = rt.handle();
+    (rt, h, gate)
 }
 
-fn hold_job(h: &jobd_actors::Handle) -> jobd_actors::JobId {
+fn hold_job(h: &Handle) -> JobId {
     h.submit("hold", &(), JobOptions::default()).unwrap()
 }
 
 #[test]
 fn growing_a_pool_starts_queued_jobs_on_the_new_workers() {
-    let gate = Gate::new();
-    let rt = runtime("grow", 1, &gate);
-    let h = rt.handle();
+    let (rt, h, gate) = runtime("grow", 1);
     assert_threads_named("jobd-grow-", 1);
 
     let ids: Vec<_> = (0..3).map(|_| hold_job(&h)).collect();
@@ -77,9 +79,7 @@ fn growing_a_pool_starts_queued_jobs_on_the_new_workers() {
 
 #[test]
 fn shrinking_a_pool_lets_running_jobs_finish_then_runs_one_at_a_time() {
-    let gate = Gate::new();
-    let rt = runtime("shrink", 3, &gate);
-    let h = rt.handle();
+    let (rt, h, gate) = runtime("shrink", 3);
     let ids: Vec<_> = (0..5).map(|_| hold_job(&h)).collect();
     for _ in 0..3 {
         gate.started();
@@ -121,9 +121,7 @@ fn shrinking_a_pool_lets_running_jobs_finish_then_runs_one_at_a_time() {
 
 #[test]
 fn idle_workers_of_the_old_size_exit_at_once() {
-    let gate = Gate::new();
-    let rt = runtime("idle", 4, &gate);
-    let h = rt.handle();
+    let (rt, h, _) = runtime("idle", 4);
     assert_threads_named("jobd-idle-", 4);
     h.resize_pool("idle", 2, 100).unwrap();
     assert_threads_named("jobd-idle-", 2);
@@ -135,9 +133,7 @@ fn idle_workers_of_the_old_size_exit_at_once() {
 
 #[test]
 fn max_queued_changes_at_once_sync_and_async() {
-    let gate = Gate::new();
-    let rt = runtime("limit", 1, &gate);
-    let h = rt.handle();
+    let (rt, h, gate) = runtime("limit", 1);
     let running = hold_job(&h);
     gate.started();
     let queued: Vec<_> = (0..2).map(|_| hold_job(&h)).collect();
@@ -170,9 +166,7 @@ fn max_queued_changes_at_once_sync_and_async() {
 
 #[test]
 fn resizing_refuses_unknown_pools_and_empty_sizes() {
-    let gate = Gate::new();
-    let rt = runtime("refuse", 1, &gate);
-    let h = rt.handle();
+    let (rt, h, _) = runtime("refuse", 1);
     assert!(matches!(
         h.resize_pool("nope", 2, 10),
         Err(JobError::UnknownPool(p)) if p == "nope"
@@ -191,9 +185,7 @@ fn resizing_refuses_unknown_pools_and_empty_sizes() {
 
 #[test]
 fn shutdown_waits_for_retiring_workers() {
-    let gate = Gate::new();
-    let rt = runtime("drain", 2, &gate);
-    let h = rt.handle();
+    let (rt, h, gate) = runtime("drain", 2);
     let ids: Vec<_> = (0..2).map(|_| hold_job(&h)).collect();
     gate.started();
     gate.started();
@@ -236,9 +228,7 @@ fn shutdown_waits_for_retiring_workers() {
 
 #[test]
 fn a_pool_added_live_runs_jobs_sent_to_it() {
-    let gate = Gate::new();
-    let rt = runtime("base", 1, &gate);
-    let h = rt.handle();
+    let (rt, h, gate) = runtime("base", 1);
     h.add_pool(PoolConfig {
         name: "extra".into(),
         threads: 2,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use crossbeam_channel::unbounded;
 use jobd_actors::{JobError, JobOptions, JobSpec, JobState, Runtime, ShutdownError};
 
-use common::{Gate, LONG, eventually, thread_count};
+use common::{Gate, LONG, eventually, held, held_then_report_cancel, recorded, thread_count};
 
 #[test]
 fn shutdown() {
@@ -34,18 +34,12 @@ fn assert_threads_back_to(baseline: usize) {
 fn drains_answers_everyone_and_joins_every_thread() {
     let baseline = thread_count();
     let gate = Gate::new();
-    let g = gate.clone();
     let (ran_tx, ran_rx) = unbounded::<String>();
     let rt = Runtime::builder()
         .pool("work", 2)
         .pool("io", 3)
-        .handler("hold", "work", move |ctx, x: u32| {
-            g.hold(ctx);
-            Ok::<u32, String>(x)
-        })
-        .handler("tag", "work", move |_ctx, tag: String| {
-            ran_tx.send(tag).map_err(|e| e.to_string())
-        })
+        .handler("hold", "work", held::<u32>(&gate))
+        .handler("tag", "work", recorded(ran_tx))
         .start()
         .unwrap();
     // System thread + 2 + 3 + the default pool's threads.
@@ -160,7 +154,6 @@ fn dropping_the_runtime_shuts_it_down_too() {
 fn at_the_deadline_running_handlers_are_told_to_stop() {
     let baseline = thread_count();
     let gate = Gate::new();
-    let g = gate.clone();
     let (seen_tx, seen_rx) = unbounded::<bool>();
     let rt = Runtime::builder()
         .pool("p", 2)
@@ -172,11 +165,7 @@ fn at_the_deadline_running_handlers_are_told_to_stop() {
             Ok::<(), String>(())
         })
         // Ignores it until released.
-        .handler("stubborn", "p", move |ctx, _: ()| {
-            g.hold(ctx);
-            let _ = seen_tx.send(ctx.is_cancelled());
-            Ok::<(), String>(())
-        })
+        .handler("stubborn", "p", held_then_report_cancel(&gate, seen_tx))
         .start()
         .unwrap();
     let h = rt.handle();
@@ -184,8 +173,7 @@ fn at_the_deadline_running_handlers_are_told_to_stop() {
         let h = h.clone();
         std::thread::spawn(move || h.call::<_, ()>("polite", &(), LONG))
     };
-    let stubborn = h.submit("stubborn", &(), JobOptions::default()).unwrap();
-    gate.started();
+    let stubborn = gate.occupy(&h, "stubborn");
     assert!(eventually(LONG, || h.stats().unwrap().pools["p"].running == 2));
     let waiter = {
         let h = h.clone();

@@ -122,13 +122,24 @@ fn crashed_store(path: &Path, id: u64, attempt: u32, max_attempts: u32) {
     store.commit(&[Change::Put(Box::new(rec))]).unwrap();
 }
 
+/// Start a runtime on a store at `path` that a crash left with job `id`
+/// running at `attempt` of `max_attempts`; what its "work" pool ran.
+fn restart_after_crash(
+    path: &Path,
+    id: u64,
+    attempt: u32,
+    max_attempts: u32,
+) -> (Runtime, Arc<Mutex<Vec<u64>>>) {
+    crashed_store(path, id, attempt, max_attempts);
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    (runtime(open(path), ran.clone()), ran)
+}
+
 #[test]
 fn a_job_running_at_a_crash_is_retried_if_it_has_attempts_left() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("jobs.db");
-    crashed_store(&path, 41, 1, 3);
-    let ran = Arc::new(Mutex::new(Vec::new()));
-    let rt = runtime(open(&path), ran.clone());
+    let (rt, ran) = restart_after_crash(&path, 41, 1, 3);
     let h = rt.handle();
     let rec = h.wait_record(JobId(41), T).unwrap();
     assert_eq!(rec.state, JobState::Succeeded);
@@ -145,9 +156,7 @@ fn a_job_running_at_a_crash_is_retried_if_it_has_attempts_left() {
 fn a_job_running_at_a_crash_without_attempts_left_ends_failed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("jobs.db");
-    crashed_store(&path, 8, 1, 1);
-    let ran = Arc::new(Mutex::new(Vec::new()));
-    let rt = runtime(open(&path), ran.clone());
+    let (rt, ran) = restart_after_crash(&path, 8, 1, 1);
     let h = rt.handle();
     let rec = h.wait_record(JobId(8), T).unwrap();
     assert_eq!(rec.state, JobState::Failed);

@@ -332,3 +332,55 @@ pub fn jobctl(socket: &Path, args: &[&str]) -> std::process::Output {
         .output()
         .expect("run jobctl")
 }
+
+// ----- added by the test-dedupe branch --------------------------------------
+
+/// A request that must get an answer (any answer, `ok` or not); that answer.
+pub fn rq(c: &mut Client, v: Value) -> Value {
+    c.request(v).expect("request")
+}
+
+/// A finished process's standard output, as text.
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A finished process's standard error, as text.
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Assert a finished process's exit code (showing both streams when it
+/// differs); its standard output.
+pub fn expect_code(o: &std::process::Output, want: i32) -> String {
+    let out = stdout(o);
+    assert_eq!(
+        o.status.code(),
+        Some(want),
+        "stdout: {out}\nstderr: {}",
+        stderr(o)
+    );
+    out
+}
+
+impl Daemon {
+    /// Close `c`, stop the daemon with SIGTERM (it must exit cleanly within
+    /// 20 s) and start it again on the same state directory with `args`; a
+    /// connection to the new process.
+    pub fn stop_and_restart(&mut self, c: Client, args: &[&str]) -> Client {
+        drop(c);
+        let status = self.terminate(Duration::from_secs(20));
+        assert!(status.success(), "jobd did not stop cleanly: {status}");
+        self.restart(args);
+        self.client()
+    }
+
+    /// Close `c`, kill the daemon (SIGKILL, as a crash would) and start it
+    /// again on the same state directory with `args`; a connection to the
+    /// new process.
+    pub fn crash_and_restart(&mut self, c: Client, args: &[&str]) -> Client {
+        drop(c);
+        self.restart(args);
+        self.client()
+    }
+}

@@ -5,7 +5,6 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -34,9 +33,37 @@ argv = ["/bin/sh", "-c", "n=0; while [ ! -e \"$1\" ] && [ $n -lt 6000 ]; do /bin
 timeout_secs = 0
 "#;
 
-/// A request; its answer.
-pub fn rq(c: &mut Client, v: Value) -> Value {
-    c.request(v).expect("request")
+/// A `sleep` job whose payload cannot be decoded: every attempt fails at
+/// once with `job_failed`. `extra`'s fields are added to the job.
+pub fn failing(extra: Value) -> Value {
+    let mut job = json!({"kind": "sleep", "payload": {"ms": "soon"}});
+    if let (Some(j), Some(e)) = (job.as_object_mut(), extra.as_object()) {
+        j.extend(e.clone());
+    }
+    job
+}
+
+/// Submit, and wait for, one `dead` job (two attempts) and one `failed`
+/// job (a single attempt), both `failing` on the default pool; their ids.
+pub fn dead_and_failed(c: &mut Client) -> (Value, Value) {
+    let r = rq(
+        c,
+        json!({"op": "submit", "wait": true,
+               "job": failing(json!({"max_attempts": 2, "backoff": {"base_ms": 1}}))}),
+    );
+    assert_eq!(r["state"], "dead", "{r}");
+    let dead = r["job"].clone();
+    let r = rq(
+        c,
+        json!({"op": "submit", "wait": true, "job": failing(json!({}))}),
+    );
+    assert_eq!(r["state"], "failed", "{r}");
+    (dead, r["job"].clone())
+}
+
+/// A number in a record (a time, a count); panics naming what it got.
+pub fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
 /// A request that must succeed; its answer.
@@ -128,19 +155,7 @@ pub fn num(id: &Value) -> u64 {
     id.as_str().expect("string id").parse().expect("numeric id")
 }
 
-pub use crate::common::jobctl;
-
-/// Assert jobctl's exit code, showing its output when it differs; stdout.
-pub fn expect_code(o: &Output, want: i32) -> String {
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert_eq!(
-        o.status.code(),
-        Some(want),
-        "stdout: {out}\nstderr: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
-}
+pub use crate::common::{expect_code, jobctl, rq};
 
 /// A gate file for a `gated` job, in `dir`.
 pub fn gate(dir: &Path, name: &str) -> PathBuf {

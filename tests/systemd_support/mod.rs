@@ -1,13 +1,17 @@
 //! Helpers for the systemd tests (`tests/systemd_*.rs`): a stand-in for
 //! systemd's notification socket (a Unix datagram socket whose path is
 //! passed as `NOTIFY_SOCKET`), and starting the real `jobd` with a given
-//! environment.
+//! environment (and that socket).
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// Long enough for anything that should happen "at once" on a loaded CI
+/// machine, short enough to fail a hung test quickly.
+pub const LONG: Duration = Duration::from_secs(20);
 
 /// One `sd_notify` datagram: its lines (`READY=1`, `STATUS=…`) and when it
 /// arrived.
@@ -212,6 +216,20 @@ impl Setup {
             .stderr(stderr)
             .spawn()
             .expect("spawn jobd")
+    }
+
+    /// `spawn` with `NOTIFY_SOCKET` set to `notify` as well as `env`; the
+    /// daemon is killed and reaped when the result is dropped.
+    pub fn spawn_notifying(
+        &self,
+        notify: &NotifySocket,
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Reap {
+        let path = notify.path().to_str().expect("a UTF-8 temporary path");
+        let mut all = vec![("NOTIFY_SOCKET", path)];
+        all.extend_from_slice(env);
+        Reap(self.spawn(&all, stderr))
     }
 }
 

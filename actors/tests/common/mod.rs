@@ -1,6 +1,9 @@
 //! Helpers shared by the jobd-actors integration tests: a `Gate` that holds
 //! handlers until the test releases them (so tests order events with
-//! channels, not sleeps), thread counting through `/proc/self/task`, and
+//! channels, not sleeps), ready-made gated and recording handlers, the
+//! runtimes most tests start from them (`held_pool`; `held_worker`, whose
+//! only worker is held busy), starting an app actor on the runtime's
+//! System (`start_actor`), thread counting through `/proc/self/task`, and
 //! polling with a deadline.
 
 #![allow(dead_code)] // each test binary uses a different subset
@@ -9,8 +12,11 @@ use std::collections::HashSet;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use actix::{Actor, Addr, Context};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
-use jobd_actors::{JobContext, JobId};
+use jobd_actors::{Handle, JobContext, JobId, JobOptions, Runtime};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 /// Long enough for anything that should happen "at once" on a loaded
 /// 2-core CI machine, short enough to fail a hung test quickly.
@@ -71,6 +77,14 @@ impl Gate {
         }
     }
 
+    /// Submit a `kind` job (payload `()`) whose handler holds on this gate,
+    /// and wait until it runs: its worker is now busy. Its id.
+    pub fn occupy(&self, h: &Handle, kind: &str) -> JobId {
+        let id = h.submit(kind, &(), JobOptions::default()).unwrap();
+        assert_eq!(self.started(), id, "the submitted job is the one held");
+        id
+    }
+
     /// Wait until some held handler started; its job id.
     pub fn started(&self) -> JobId {
         self.started_rx
@@ -108,6 +122,112 @@ impl Gate {
             r.jobs.insert(id);
         });
     }
+}
+
+/// A handler that holds on `gate` (its worker stays busy until the test
+/// releases it), then returns its payload. Register it like any other:
+/// `.handler("hold", "p", held::<u32>(&gate))`.
+pub fn held<T>(
+    gate: &Gate,
+) -> impl Fn(&JobContext<'_>, T) -> Result<T, String> + Send + Sync + use<T>
+where
+    T: Serialize + DeserializeOwned,
+{
+    let gate = gate.clone();
+    move |ctx, x| {
+        gate.hold(ctx);
+        Ok(x)
+    }
+}
+
+/// A handler that ignores cancellation: it holds on `gate`, then sends on
+/// `seen` whether it was told to stop by then (`ctx.is_cancelled()`).
+pub fn held_then_report_cancel(
+    gate: &Gate,
+    seen: Sender<bool>,
+) -> impl Fn(&JobContext<'_>, ()) -> Result<(), String> + Send + Sync + use<> {
+    let gate = gate.clone();
+    move |ctx, ()| {
+        gate.hold(ctx);
+        let _ = seen.send(ctx.is_cancelled());
+        Ok(())
+    }
+}
+
+/// A handler that sends its payload on `ran`, so the test sees which jobs
+/// ran and in what order.
+pub fn recorded<T>(
+    ran: Sender<T>,
+) -> impl Fn(&JobContext<'_>, T) -> Result<(), String> + Send + Sync + use<T>
+where
+    T: DeserializeOwned + Send,
+{
+    move |_ctx, x| ran.send(x).map_err(|e| e.to_string())
+}
+
+/// A started runtime with one pool `pool` of `threads` workers and a kind
+/// `hold` on it that holds on the returned gate, then returns its payload
+/// `T` (see [`held`]); and its handle.
+pub fn held_pool<T>(pool: &str, threads: usize) -> (Runtime, Handle, Gate)
+where
+    T: Serialize + DeserializeOwned + 'static,
+{
+    let gate = Gate::new();
+    let rt = Runtime::builder()
+        .pool(pool, threads)
+        .handler("hold", pool, held::<T>(&gate))
+        .start()
+        .unwrap();
+    let h = rt.handle();
+    (rt, h, gate)
+}
+
+/// A started runtime whose one-worker pool is held busy by a `hold` job,
+/// with a kind on the same pool that records its payloads on `ran`: jobs
+/// of that kind submitted now queue up until the test releases the gate,
+/// then run in the order the runtime picks. Its fields are all of
+/// different types, so a destructuring in the wrong order does not compile.
+pub struct HeldWorker<T>(
+    /// The runtime; shut it down at the end of the test.
+    pub Runtime,
+    /// Its handle.
+    pub Handle,
+    /// The gate the `hold` job waits on.
+    pub Gate,
+    /// The running `hold` job.
+    pub JobId,
+    /// The payloads of the recording kind's jobs that ran, in order.
+    pub Receiver<T>,
+);
+
+/// Start a [`HeldWorker`] with a one-worker pool `pool` and the recording
+/// kind `kind`.
+pub fn held_worker<T>(pool: &str, kind: &str) -> HeldWorker<T>
+where
+    T: DeserializeOwned + Send + 'static,
+{
+    let gate = Gate::new();
+    let (ran_tx, ran) = unbounded();
+    let rt = Runtime::builder()
+        .pool(pool, 1)
+        .handler("hold", pool, held::<()>(&gate))
+        .handler(kind, pool, recorded::<T>(ran_tx))
+        .start()
+        .unwrap();
+    let h = rt.handle();
+    let holder = gate.occupy(&h, "hold");
+    HeldWorker(rt, h, gate, holder, ran)
+}
+
+/// Start the actor `make` builds (from a clone of `h`) on the runtime's
+/// System, where its futures run; its address.
+pub fn start_actor<A>(h: &Handle, make: impl FnOnce(Handle) -> A + Send + 'static) -> Addr<A>
+where
+    A: Actor<Context = Context<A>>,
+{
+    let h2 = h.clone();
+    h.run(move || async move { make(h2).start() }, LONG)
+        .expect("the runtime's System is running")
 }
 
 /// The names (`comm`, at most 15 bytes) of this process's threads.
