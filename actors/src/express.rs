@@ -11,13 +11,23 @@
 //! dependencies or other pool, a kind without a default timeout, and a
 //! runtime without a durable store (a job must be committed before it
 //! runs). Everything else goes through the Dispatcher.
+//!
+//! Calls that do go through the Dispatcher are filed in its submission
+//! inbox rather than sent as actix messages one by one: only the first
+//! one filed while no wake-up is pending sends a `Wake`, and the
+//! Dispatcher admits all that piled up meanwhile in one go, first thing
+//! whenever it runs. Under load, many calls share one wake-up.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+
+use crossbeam_channel::{Receiver, Sender, unbounded};
 
 use serde_json::Value;
 
 use crate::context::AttemptShared;
+use crate::dispatcher::Submit;
 use crate::job::{JobId, JobOptions, now_ms};
 use crate::pool::{Adopted, PoolLink, Report, RunJob};
 use crate::registry::{RawHandler, Registry};
@@ -38,6 +48,12 @@ pub(crate) struct Express {
     /// Replaced when a pool is resized (a new link), grown when one is
     /// added; read once per call.
     links: RwLock<Vec<Arc<PoolLink>>>,
+    /// The Dispatcher's submission inbox.
+    submits: (Sender<Submit>, Receiver<Submit>),
+    /// A `Wake` is on its way to the Dispatcher, or it is draining.
+    wake_pending: AtomicBool,
+    /// The Dispatcher is gone: nobody reads the inbox any more.
+    closed: AtomicBool,
 }
 
 impl Express {
@@ -63,7 +79,44 @@ impl Express {
         Express {
             kinds,
             links: RwLock::new(pools.iter().map(|(_, l)| l.clone()).collect()),
+            submits: unbounded(),
+            wake_pending: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         }
+    }
+
+    /// File a submission for the Dispatcher; true when the caller must
+    /// send it a `Wake` (none is pending). Once the Dispatcher is gone the
+    /// submission is dropped, which answers its caller that the runtime is
+    /// gone.
+    pub(crate) fn file_submit(&self, s: Submit) -> bool {
+        // The receiver lives here too: sending cannot fail.
+        let _ = self.submits.0.send(s);
+        // Pairs with `close`: either its last drain finds this submission,
+        // or this sees the flag and drops it.
+        if self.closed.load(Ordering::SeqCst) {
+            while self.submits.1.try_recv().is_ok() {}
+            return false;
+        }
+        !self.wake_pending.swap(true, Ordering::SeqCst)
+    }
+
+    /// The Dispatcher is gone (its `Drop`): drop what is filed and all
+    /// that will be.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        while self.submits.1.try_recv().is_ok() {}
+    }
+
+    /// The Dispatcher is about to read the submission inbox: the next
+    /// submission filed must wake it again.
+    pub(crate) fn woken(&self) {
+        self.wake_pending.store(false, Ordering::SeqCst);
+    }
+
+    /// The next filed submission (the Dispatcher).
+    pub(crate) fn next_submit(&self) -> Option<Submit> {
+        self.submits.1.try_recv().ok()
     }
 
     /// Pool `pool` has a new link (resize), or is new (added).

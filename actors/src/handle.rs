@@ -150,7 +150,7 @@ impl Handle {
                 self.inner.dispatcher.do_send(Wake);
             }
         } else {
-            self.inner.dispatcher.do_send(Submit {
+            let filed = self.inner.express.file_submit(Submit {
                 id,
                 spec: JobSpec {
                     kind: kind.into_owned(),
@@ -161,6 +161,9 @@ impl Handle {
                 direct: Some(reply),
                 waiter: None,
             });
+            if filed {
+                self.inner.dispatcher.do_send(Wake);
+            }
         }
     }
 

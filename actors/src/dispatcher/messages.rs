@@ -113,6 +113,14 @@ impl Handler<Submit> for Dispatcher {
 
     fn handle(&mut self, msg: Submit, ctx: &mut Context<Self>) {
         self.drain(ctx);
+        self.submit(msg, ctx);
+    }
+}
+
+impl Dispatcher {
+    /// Admit one submission (from the mailbox, or from the submission
+    /// inbox while draining).
+    pub(super) fn submit(&mut self, msg: Submit, ctx: &mut Context<Self>) {
         let Submit {
             id,
             spec,

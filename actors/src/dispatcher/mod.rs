@@ -855,6 +855,18 @@ impl Dispatcher {
     /// Handle every report the workers filed. Called first thing on every
     /// message and timer, so nothing is answered from stale state.
     fn drain(&mut self, ctx: &mut Context<Self>) {
+        self.drain_reports(ctx);
+        // Submissions filed without a message of their own (see
+        // `Express::file_submit`), after the reports so that the workers'
+        // credits are counted. Clearing the flag first: a submission filed
+        // after the loop below sends a new `Wake`.
+        self.express.woken();
+        while let Some(s) = self.express.next_submit() {
+            self.submit(s, ctx);
+        }
+    }
+
+    fn drain_reports(&mut self, ctx: &mut Context<Self>) {
         for i in 0..self.pools.len() {
             while let Some(report) = self.pools[i].link.next_report() {
                 match report {
@@ -1777,6 +1789,7 @@ impl Drop for Dispatcher {
     /// However the Dispatcher ends, its workers must leave their pools'
     /// job channels, or the runtime could not wait for their threads.
     fn drop(&mut self) {
+        self.express.close();
         for p in &self.pools {
             p.link.revoke();
             p.link.retire();
