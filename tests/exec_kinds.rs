@@ -450,7 +450,11 @@ fn exec_children_die_when_the_daemon_is_killed() {
     assert_eq!(r["ok"], true, "{r}");
     let pid = read_pid_file(&pidfile);
     let daemon = d.child.id() as i32;
-    assert_eq!(proc_state(pid).map(|s| s.1), Some(daemon), "not jobd's child");
+    assert_eq!(
+        proc_state(pid).map(|s| s.1),
+        Some(daemon),
+        "not jobd's child"
+    );
 
     // No SIGTERM, no drain: the daemon just disappears.
     common::signal(&d.child, libc::SIGKILL);
