@@ -392,6 +392,10 @@ pub(crate) fn run_child(
     // Recorded before the fork, so the child can tell whether the daemon
     // died before it asked to die with it.
     let daemon_pid = std::process::id() as libc::pid_t;
+    // A `pre_exec` makes std fork instead of using posix_spawn (vfork):
+    // the fork copies the daemon's page tables, which costs about 5 ms per
+    // 100 MiB of its anonymous memory (measured on 2 cores; jobd idles at
+    // ~1 MiB, where the difference is lost in the noise).
     // SAFETY: the closure runs in the forked child before exec, where only
     // async-signal-safe calls are allowed: `die_with_daemon` makes two
     // system calls and allocates nothing.
