@@ -175,7 +175,7 @@ pub struct AuthConfig {
     #[serde(deserialize_with = "one_or_many_uids")]
     pub allow_uids: Vec<u32>,
     /// Groups allowed (names or gids), matched against the peer's primary
-    /// gid as reported by `SO_PEERCRED` (supplementary groups are not seen).
+    /// gid and its supplementary groups (see `auth`).
     #[serde(deserialize_with = "one_or_many_groups")]
     pub allow_groups: Vec<GroupRef>,
 }

@@ -32,7 +32,7 @@ use actix::{
     Actor, ActorContext, ActorFutureExt, AsyncContext, Context, SpawnHandle, StreamHandler,
 };
 use futures::StreamExt;
-use jobd_actors::{ErrorInfo, Handle, Peer};
+use jobd_actors::{ErrorInfo, Handle};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -41,7 +41,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::auth::LiveAuth;
+use crate::auth::{Credentials, LiveAuth};
 use crate::ops;
 use crate::protocol::{self, Response, code};
 
@@ -333,7 +333,7 @@ pub struct Session {
     /// What all sessions share.
     shared: Arc<Shared>,
     /// The peer's credentials, if the OS told us.
-    peer: Option<Peer>,
+    peer: Option<Credentials>,
     /// The writer's queue; None once closing (so the writer can finish).
     outbox: Option<mpsc::Sender<Outgoing>>,
     /// The reader stream, cancelled when closing.
@@ -359,12 +359,8 @@ impl Session {
         conn: OwnedSemaphorePermit,
         alive: mpsc::Sender<()>,
     ) {
-        let peer = match stream.peer_cred() {
-            Ok(c) => Some(Peer {
-                uid: c.uid(),
-                gid: c.gid(),
-                pid: c.pid().unwrap_or(0),
-            }),
+        let peer = match Credentials::of(&stream) {
+            Ok(c) => Some(c),
             Err(e) => {
                 tracing::warn!("cannot read peer credentials: {e}");
                 None
@@ -372,10 +368,11 @@ impl Session {
         };
         let allowed = shared.auth.allows(peer.as_ref());
         match &peer {
-            Some(p) => tracing::info!(
-                uid = p.uid,
-                gid = p.gid,
-                pid = p.pid,
+            Some(c) => tracing::info!(
+                uid = c.peer.uid,
+                gid = c.peer.gid,
+                groups = ?c.groups,
+                pid = c.peer.pid,
                 allowed,
                 "connection opened"
             ),
@@ -443,7 +440,7 @@ impl Session {
 impl Session {
     /// The peer's uid for log lines (`-1` when unknown).
     fn uid(&self) -> i64 {
-        self.peer.map_or(-1, |p| i64::from(p.uid))
+        self.peer.as_ref().map_or(-1, |c| i64::from(c.peer.uid))
     }
 
     /// Queue a response line. The outbox has room for one line per permit,
@@ -510,8 +507,8 @@ impl Session {
             let e = ErrorInfo::new(code::SHUTTING_DOWN, "jobd is shutting down");
             return self.refuse(id, e, permit);
         }
-        if let Some(p) = self.peer {
-            req.set_peer(p);
+        if let Some(c) = &self.peer {
+            req.set_peer(c.peer);
         }
         let Some(tx) = self.outbox.clone() else {
             return;

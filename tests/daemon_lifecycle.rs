@@ -1,7 +1,7 @@
 //! The daemon's life against the real binary: SIGTERM drain, socket
 //! hygiene (stale socket replaced, live one refused, mode set), start-up
 //! configuration errors and environment overrides, and the `[auth]`
-//! allow-list.
+//! allow-lists (by uid, and by supplementary group).
 
 // The shared harness predates clippy's collapsible_if/manual_contains
 // lints; it is not ours to change.
@@ -305,4 +305,94 @@ fn a_durable_daemon_keeps_jobs_across_a_kill() {
     assert_eq!(r["job"]["state"], "delayed", "{r}");
     let s = rq(&mut c, json!({"op": "stats"}));
     assert!(s["store"]["bytes"].as_u64().is_some_and(|b| b > 0), "{s}");
+}
+
+/// This process's supplementary groups (getgroups(2)).
+fn own_groups() -> Vec<u32> {
+    let mut g: Vec<libc::gid_t> = vec![0; 65536];
+    // SAFETY: the buffer holds as many gids as we say.
+    #[allow(unsafe_code)]
+    let n = unsafe { libc::getgroups(g.len() as libc::c_int, g.as_mut_ptr()) };
+    assert!(n >= 0, "getgroups failed");
+    g.truncate(n as usize);
+    g
+}
+
+/// `jobctl hello` run as `uid`/`gid` with exactly the supplementary
+/// `groups` (needs root to set them).
+fn hello_as(socket: &std::path::Path, uid: u32, gid: u32, groups: &[u32]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let groups: Vec<libc::gid_t> = groups.to_vec();
+    let mut cmd = std::process::Command::new(common::jobctl_bin());
+    cmd.arg("--socket")
+        .arg(socket)
+        .arg("hello")
+        .env_clear()
+        .current_dir("/")
+        .stdin(std::process::Stdio::null());
+    // SAFETY: only system calls between fork and exec; `groups` was
+    // allocated before the fork and is only read.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("run jobctl as another user")
+}
+
+#[test]
+fn supplementary_groups_count_for_allow_groups() {
+    if uid() == 0 {
+        // As root: a made-up user whose only way in is a supplementary group.
+        let (user, primary, extra) = (4_242_424, 4_242_425, 4_242_426);
+        // Ready once `hello` gets any answer: root itself is refused.
+        let d = Daemon::start_env(
+            &format!("socket_mode = \"0666\"\n[auth]\nallow_groups = [{extra}]\n"),
+            &[],
+        );
+        // Let the made-up user reach the socket inside our temporary dir.
+        std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+
+        let out = hello_as(&d.socket, user, primary, &[7, extra]);
+        let say = |o: &std::process::Output| {
+            format!(
+                "{}\nstdout: {}\nstderr: {}",
+                o.status,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
+        assert!(out.status.success(), "{}", say(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("jobd"));
+
+        // The same user without that group is refused.
+        let out = hello_as(&d.socket, user, primary, &[7]);
+        assert!(!out.status.success(), "{}", say(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("forbidden"),
+            "{}",
+            say(&out)
+        );
+        return;
+    }
+    // SAFETY: getegid cannot fail.
+    #[allow(unsafe_code)]
+    let primary = unsafe { libc::getegid() };
+    let Some(extra) = own_groups().into_iter().find(|g| *g != primary) else {
+        eprintln!(
+            "skipped: not root and no supplementary group besides the primary one \
+             (id -G), so no peer can differ from the primary-gid-only rule"
+        );
+        return;
+    };
+    let d = Daemon::start_env(&format!("[auth]\nallow_groups = [{extra}]\n"), &[]);
+    let r = rq(&mut d.client(), json!({"op": "hello"}));
+    assert_eq!(r["ok"], true, "allowed through group {extra}: {r}");
 }

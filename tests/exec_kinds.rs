@@ -418,3 +418,105 @@ fn invalid_command_kinds_stop_start_up_naming_the_kind() {
         assert!(err.contains(&format!("'{name}'")), "{name}: {err}");
     }
 }
+
+/// `(state, ppid)` of `pid` from /proc, or None once it is gone.
+fn proc_state(pid: i32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// A shell script that writes its pid to `pidfile` and then becomes
+/// `sleep 30` (same pid, still the daemon's direct child).
+fn sleeper_script(pidfile: &Path) -> String {
+    format!(
+        "echo $$ > {0}.tmp && mv {0}.tmp {0}; exec /bin/sleep 30",
+        pidfile.display()
+    )
+}
+
+#[test]
+fn exec_children_die_when_the_daemon_is_killed() {
+    let mut d = Daemon::start_with(EXEC_CONFIG, &[]);
+    let mut c = d.client();
+    let pidfile = d.dir.path().join("pid");
+    let r = c
+        .request(json!({"op": "submit", "job": {"kind": "exec",
+            "payload": {"argv": ["/bin/sh", "-c", sleeper_script(&pidfile)]}}}))
+        .unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    let pid = read_pid_file(&pidfile);
+    let daemon = d.child.id() as i32;
+    assert_eq!(
+        proc_state(pid).map(|s| s.1),
+        Some(daemon),
+        "not jobd's child"
+    );
+
+    // No SIGTERM, no drain: the daemon just disappears.
+    common::signal(&d.child, libc::SIGKILL);
+    let _ = d.child.wait();
+
+    // Zombies count as gone: the container's init may never reap them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Some((state, _)) = proc_state(pid)
+        && state != 'Z'
+        && state != 'X'
+    {
+        if Instant::now() > deadline {
+            // SAFETY: kill(2) on the pid our job started; cleans up before failing.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            panic!("the exec child {pid} outlived the SIGKILLed daemon");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn exec_children_keep_running_when_their_pool_is_resized_down() {
+    // The child dies with the thread that forked it; a pool resized down
+    // retires that thread only once its job is done.
+    let config = format!("{EXEC_CONFIG}\n[pools.default]\nthreads = 2\n");
+    let d = Daemon::start_with(&config, &[]);
+    let mut c = d.client();
+    let pidfile = d.dir.path().join("pid");
+    let release = d.dir.path().join("release");
+    let script = format!(
+        "echo $$ > {0}.tmp && mv {0}.tmp {0}; while [ ! -e {1} ]; do /bin/sleep 0.02; done; echo done",
+        pidfile.display(),
+        release.display()
+    );
+    let r = c
+        .request(json!({"op": "submit", "job": {"kind": "exec",
+            "payload": {"argv": ["/bin/sh", "-c", script]}}}))
+        .unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    let id = r["job"].clone();
+    read_pid_file(&pidfile);
+
+    let config = config.replace("threads = 2", "threads = 1");
+    std::fs::write(d.dir.path().join("jobd.toml"), config).unwrap();
+    common::signal(&d.child, libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = c.request(json!({"op": "stats"})).unwrap();
+        if s["pools"]["default"]["threads"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pool was not resized: {s}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    std::fs::write(&release, "").unwrap();
+    let r = c
+        .request(json!({"op": "wait", "job": id, "timeout_ms": 10000}))
+        .unwrap();
+    assert_eq!(r["job"]["state"], "succeeded", "{r}");
+    assert_eq!(r["job"]["result"]["stdout"], "done\n", "{r}");
+}
