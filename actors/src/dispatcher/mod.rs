@@ -7,6 +7,16 @@
 //! shutdown drain. Workers' reports come through an inbox it reads first
 //! thing on every message and timer (`drain`).
 //!
+//! This file holds the actor itself: its struct, construction, the inbox
+//! drain and its lifecycle, with the public types of its API. The rest,
+//! one concern a module: `state` (what it keeps per pool and per job),
+//! `admission` (a job comes in, waits for its time, is queued),
+//! `dispatch` (a queued job goes to a worker), `endings` (an attempt ends:
+//! retried, finished, cancelled, timed out), `pools` (live pool changes),
+//! `shutdown` (the end of the drain), `queries` (list and stats),
+//! `messages` (the message types and their handlers) and `persist` (the
+//! store side).
+//!
 //! Nothing here blocks: the actor lives on the System arbiter.
 
 use std::cmp::Ordering;
@@ -36,7 +46,9 @@ mod dispatch;
 mod endings;
 mod messages;
 mod persist;
+mod pools;
 mod queries;
+mod shutdown;
 mod state;
 
 pub(crate) use endings::outcome_of;
@@ -287,175 +299,6 @@ impl Dispatcher {
             }
         }
     }
-
-    // ----- live pool changes ------------------------------------------------
-
-    /// Change a pool's admission limit at once and, when `threads` differs,
-    /// its size: a new SyncArbiter of `threads` workers with a new link
-    /// becomes the pool. The old link's offered jobs are taken back (those
-    /// a worker took first are running), so the old workers find nothing
-    /// more to take: each finishes the job it has (counted as `retiring`,
-    /// its report read from the retired link) and its thread exits once
-    /// the old address is dropped and its queue is empty. Queued jobs stay
-    /// queued and go to the new workers.
-    fn resize(
-        &mut self,
-        name: &str,
-        threads: usize,
-        max_queued: usize,
-        ctx: &mut Context<Self>,
-    ) -> Result<(), JobError> {
-        if self.closing.is_some() {
-            return Err(JobError::ShuttingDown);
-        }
-        check_pool_shape(name, threads, max_queued)?;
-        let i = *self
-            .pool_names
-            .get(name)
-            .ok_or_else(|| JobError::UnknownPool(name.to_string()))?;
-        if threads != self.pools[i].cfg.threads {
-            let cfg = PoolConfig {
-                threads,
-                ..self.pools[i].cfg.clone()
-            };
-            let link = Arc::new(PoolLink::new(threads));
-            if self.store.is_some() {
-                link.set_eager();
-            }
-            let addr = start_pool(&cfg, i, ctx.address(), self.threads.clone(), link.clone())
-                .map_err(JobError::Internal)?;
-            self.revoke_offers(i, ctx);
-            self.express.set_link(i, link.clone());
-            let p = &mut self.pools[i];
-            let old = std::mem::replace(&mut p.link, link);
-            let old_threads = p.cfg.threads;
-            p.starving = false;
-            p.express = false;
-            p.cfg.threads = threads;
-            // Dropping the old address retires the old SyncArbiter.
-            p.addr = Some(addr);
-            // Reports of the old workers must not wait for an unrelated
-            // message.
-            old.set_eager();
-            // Workers busy now each file one report saying they leave
-            // (see `PoolLink::retire`); the link is read until then.
-            let busy = old_threads.saturating_sub(old.retire());
-            self.pools[i].retired.push((old, busy));
-            self.recheck(ctx);
-        }
-        self.pools[i].cfg.max_queued = max_queued;
-        self.pump(i, ctx);
-        Ok(())
-    }
-
-    /// Start a new pool while running. Jobs reach it through
-    /// `JobOptions::pool` (kinds keep the pool they were registered with).
-    fn add_pool(&mut self, cfg: PoolConfig, ctx: &mut Context<Self>) -> Result<(), JobError> {
-        if self.closing.is_some() {
-            return Err(JobError::ShuttingDown);
-        }
-        check_pool_shape(&cfg.name, cfg.threads, cfg.max_queued)?;
-        if self.pool_names.contains_key(&cfg.name) {
-            return Err(JobError::BadRequest(format!(
-                "pool '{}' already exists",
-                cfg.name
-            )));
-        }
-        let i = self.pools.len();
-        let mut state = PoolState::new(cfg);
-        if self.store.is_some() {
-            state.link.set_eager();
-        }
-        let addr = start_pool(
-            &state.cfg,
-            i,
-            ctx.address(),
-            self.threads.clone(),
-            state.link.clone(),
-        )
-        .map_err(JobError::Internal)?;
-        state.addr = Some(addr);
-        self.express.set_link(i, state.link.clone());
-        self.pool_names.insert(state.cfg.name.clone(), i);
-        self.pools.push(state);
-        self.update_starving(i, ctx);
-        Ok(())
-    }
-
-    // ----- shutdown --------------------------------------------------------
-
-    fn all_idle(&self) -> bool {
-        self.pools
-            .iter()
-            .all(|p| p.link.idle() == p.cfg.threads && p.retiring() == 0)
-    }
-
-    /// The drain is over (all workers idle, or the deadline passed): answer
-    /// everyone still waiting and stop the System.
-    fn close_now(&mut self, ctx: &mut Context<Self>) {
-        let Some(closing) = self.closing.as_mut() else {
-            return;
-        };
-        let replies = std::mem::take(&mut closing.replies);
-        for job in self.active.values_mut() {
-            if let Some(s) = job.attempt.take() {
-                // Handlers still running past the deadline see is_cancelled().
-                if s.claim_interrupt(Interrupt::Abandoned) {
-                    job.direct.set(s.take_direct());
-                }
-            }
-            if let Some(d) = job.direct.take() {
-                d.send(Err(JobError::ShuttingDown));
-            }
-            for w in job.waiters.take() {
-                w.send(Err(JobError::ShuttingDown), ctx);
-            }
-        }
-        if let Some(c) = &mut self.closing {
-            c.replies.extend(replies);
-            c.stop_requested = true;
-        }
-        self.stop_when_flushed(ctx);
-    }
-
-    /// Stop once the store has nothing left to write (or cannot write).
-    fn stop_when_flushed(&mut self, ctx: &mut Context<Self>) {
-        if !self.closing.as_ref().is_some_and(|c| c.stop_requested) {
-            return;
-        }
-        let busy = self.store.as_ref().is_some_and(|s| {
-            s.in_flight.is_some() || (!s.pending.is_empty() && s.failing.is_none())
-        });
-        if busy {
-            self.schedule_flush(ctx);
-            return;
-        }
-        if let Some(c) = &mut self.closing {
-            for r in std::mem::take(&mut c.replies) {
-                r.send(());
-            }
-        }
-        ctx.stop();
-        actix::System::current().stop();
-    }
-}
-
-/// A pool needs a name, a thread and room for one queued job.
-fn check_pool_shape(name: &str, threads: usize, max_queued: usize) -> Result<(), JobError> {
-    if name.is_empty() {
-        return Err(JobError::BadRequest("a pool needs a name".into()));
-    }
-    if threads == 0 {
-        return Err(JobError::BadRequest(format!(
-            "pool '{name}' needs at least one thread"
-        )));
-    }
-    if max_queued == 0 {
-        return Err(JobError::BadRequest(format!(
-            "pool '{name}': max_queued must be at least 1"
-        )));
-    }
-    Ok(())
 }
 
 /// A kind's totals, created on first use. A lookup by `&str`: no `String`
