@@ -13,9 +13,9 @@
 //! `admission` (a job comes in, waits for its time, is queued),
 //! `dispatch` (a queued job goes to a worker), `endings` (an attempt ends:
 //! retried, finished, cancelled, timed out), `pools` (live pool changes),
-//! `shutdown` (the end of the drain), `queries` (list and stats),
-//! `messages` (the message types and their handlers) and `persist` (the
-//! store side).
+//! `waits` (`wait` and `wait_any`), `shutdown` (the end of the drain),
+//! `queries` (list and stats), `messages` (the other message types and
+//! their handlers) and `persist` (the store side).
 //!
 //! Nothing here blocks: the actor lives on the System arbiter.
 
@@ -50,14 +50,16 @@ mod pools;
 mod queries;
 mod shutdown;
 mod state;
+mod waits;
 
 pub(crate) use endings::outcome_of;
-pub(crate) use messages::{AttemptDone, Query, Submit, SubmitBatch, Wait, WaitAny, Wake};
+pub(crate) use messages::{AttemptDone, Query, Submit, SubmitBatch, Wake};
 pub(crate) use persist::Committed;
 use persist::{ListLoaded, PRUNE_BATCH, RetryLoaded};
 pub(crate) use queries::list_records;
 use state::{Active, Admission, IdMap, KindMap, QueueEntry, RecordWaiter, Stamp, Waiter};
 pub(crate) use state::{PoolState, StoreLink};
+pub(crate) use waits::{Wait, WaitAny};
 
 /// How long finished jobs are kept for `status`/`wait`, and how many.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
