@@ -334,64 +334,12 @@ impl Handler<Query> for Dispatcher {
             Query::Stats(r) => r.send(self.snapshot()),
             #[cfg(test)]
             Query::Waiters(id, r) => r.send(self.active.get(&id).map_or(0, |j| j.waiters.len())),
-            Query::Pause(pool, paused, r) => match self.pool_names.get(&pool).copied() {
-                None => r.send(Err(JobError::UnknownPool(pool))),
-                Some(i) => {
-                    self.pools[i].paused = paused;
-                    self.persist_change(Change::Paused(pool.clone(), paused), ctx);
-                    if paused {
-                        self.revoke_offers(i, ctx);
-                        self.update_starving(i, ctx);
-                    } else if self.closing.is_none() {
-                        self.pump(i, ctx);
-                    }
-                    r.send(Ok(()));
-                }
-            },
+            Query::Pause(pool, paused, r) => self.pause(pool, paused, r, ctx),
             Query::Resize(pool, threads, max_queued, r) => {
                 r.send(self.resize(&pool, threads, max_queued, ctx))
             }
             Query::AddPool(cfg, r) => r.send(self.add_pool(cfg, ctx)),
-            Query::Shutdown(deadline, r) => {
-                if let Some(c) = &mut self.closing {
-                    c.replies.push(r);
-                    return;
-                }
-                self.closing = Some(Closing {
-                    replies: vec![r],
-                    stop_requested: false,
-                });
-                // Offered jobs go back to the queue, and from now on every
-                // report wakes us: the drain ends when the last worker is
-                // idle.
-                for i in 0..self.pools.len() {
-                    self.revoke_offers(i, ctx);
-                    self.pools[i].link.set_eager();
-                    self.update_starving(i, ctx);
-                }
-                self.recheck(ctx);
-                // Jobs that have not started will not start: answer their
-                // waiters now. Running ones finish up to the deadline.
-                for job in self.active.values_mut() {
-                    if job.rec.state != JobState::Running {
-                        if let Some(d) = job.direct.take() {
-                            d.send(Err(JobError::ShuttingDown));
-                        }
-                        for w in job.waiters.take() {
-                            w.send(Err(JobError::ShuttingDown), ctx);
-                        }
-                    }
-                }
-                if self.all_idle() {
-                    self.close_now(ctx);
-                } else {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    ctx.run_later(left, |act, ctx| {
-                        act.drain(ctx);
-                        act.close_now(ctx)
-                    });
-                }
-            }
+            Query::Shutdown(deadline, r) => self.start_shutdown(deadline, r, ctx),
         }
     }
 }

@@ -13,7 +13,7 @@
 //! `admission` (a job comes in, waits for its time, is queued),
 //! `dispatch` (a queued job goes to a worker), `endings` (an attempt ends:
 //! retried, finished, cancelled, timed out), `pools` (live pool changes),
-//! `waits` (`wait` and `wait_any`), `shutdown` (the end of the drain),
+//! `waits` (`wait` and `wait_any`), `shutdown` (the drain),
 //! `queries` (list and stats), `messages` (the other message types and
 //! their handlers) and `persist` (the store side).
 //!

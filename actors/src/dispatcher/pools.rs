@@ -1,5 +1,6 @@
-//! Live pool changes: resizing a pool (new workers, the old ones retired
-//! once their job is done) and adding a pool while running.
+//! Live pool changes: pausing and resuming a pool, resizing it (new
+//! workers, the old ones retired once their job is done) and adding a pool
+//! while running.
 
 use super::*;
 
@@ -62,6 +63,32 @@ impl Dispatcher {
         self.pools[i].cfg.max_queued = max_queued;
         self.pump(i, ctx);
         Ok(())
+    }
+
+    /// Pause or resume a pool: a paused pool starts nothing (its offered
+    /// jobs are taken back); resumed, it starts its queued jobs again
+    /// (unless a shutdown began).
+    pub(super) fn pause(
+        &mut self,
+        pool: String,
+        paused: bool,
+        r: Reply<Result<(), JobError>>,
+        ctx: &mut Context<Self>,
+    ) {
+        match self.pool_names.get(&pool).copied() {
+            None => r.send(Err(JobError::UnknownPool(pool))),
+            Some(i) => {
+                self.pools[i].paused = paused;
+                self.persist_change(Change::Paused(pool.clone(), paused), ctx);
+                if paused {
+                    self.revoke_offers(i, ctx);
+                    self.update_starving(i, ctx);
+                } else if self.closing.is_none() {
+                    self.pump(i, ctx);
+                }
+                r.send(Ok(()));
+            }
+        }
     }
 
     /// Start a new pool while running. Jobs reach it through

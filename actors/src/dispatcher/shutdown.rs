@@ -1,12 +1,63 @@
-//! The end of the shutdown drain (it starts with `Query::Shutdown` in
-//! `messages`): once every worker is idle or the deadline passed, answer
-//! everyone still waiting and stop the System when the store is flushed.
+//! The shutdown drain: its start (new work refused, offers taken back,
+//! waiters of jobs that will not start answered), and its end once every
+//! worker is idle or the deadline passed (everyone still waiting answered,
+//! the System stopped when the store is flushed).
 
 use super::*;
 
 // ----- shutdown ------------------------------------------------------------
 
 impl Dispatcher {
+    /// Begin the shutdown drain (`Query::Shutdown`): no new job starts or
+    /// is admitted, offered jobs go back to the queue, the waiters of jobs
+    /// that will not start are answered, and the drain closes once every
+    /// worker is idle or at `deadline`. A second request just waits too.
+    pub(super) fn start_shutdown(
+        &mut self,
+        deadline: Instant,
+        r: Reply<()>,
+        ctx: &mut Context<Self>,
+    ) {
+        if let Some(c) = &mut self.closing {
+            c.replies.push(r);
+            return;
+        }
+        self.closing = Some(Closing {
+            replies: vec![r],
+            stop_requested: false,
+        });
+        // Offered jobs go back to the queue, and from now on every
+        // report wakes us: the drain ends when the last worker is
+        // idle.
+        for i in 0..self.pools.len() {
+            self.revoke_offers(i, ctx);
+            self.pools[i].link.set_eager();
+            self.update_starving(i, ctx);
+        }
+        self.recheck(ctx);
+        // Jobs that have not started will not start: answer their
+        // waiters now. Running ones finish up to the deadline.
+        for job in self.active.values_mut() {
+            if job.rec.state != JobState::Running {
+                if let Some(d) = job.direct.take() {
+                    d.send(Err(JobError::ShuttingDown));
+                }
+                for w in job.waiters.take() {
+                    w.send(Err(JobError::ShuttingDown), ctx);
+                }
+            }
+        }
+        if self.all_idle() {
+            self.close_now(ctx);
+        } else {
+            let left = deadline.saturating_duration_since(Instant::now());
+            ctx.run_later(left, |act, ctx| {
+                act.drain(ctx);
+                act.close_now(ctx)
+            });
+        }
+    }
+
     pub(super) fn all_idle(&self) -> bool {
         self.pools
             .iter()
