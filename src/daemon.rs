@@ -222,6 +222,10 @@ pub fn run(cfg: Config, over: Overrides, service: ServiceEnv) -> Result<(), Daem
     }
     let heartbeat = systemd::heartbeat(notifier.clone(), service.watchdog, note.clone())
         .map(|(every, f)| (every, Box::new(f) as Box<dyn FnMut(Heartbeat) + Send>));
+    // Before any job runs: kill what a killed jobd left of its exec jobs'
+    // process groups, and record this daemon's groups from now on.
+    let runs_programs = cfg.exec.enabled || !cfg.command_kinds().is_empty();
+    kinds::exec_groups::start(&state_dir, runs_programs);
     let runtime = build_runtime(&cfg, &state_dir, heartbeat)?;
     tracing::info!(
         state_dir = %state_dir.display(),

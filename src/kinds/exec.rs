@@ -37,9 +37,11 @@
 //!   the worker thread that forked it exits (`PR_SET_PDEATHSIG`), so a
 //!   daemon killed with SIGKILL, crashed or OOM-killed takes its running
 //!   programs along. Only the direct child gets this; what the program
-//!   started itself (the rest of its group) outlives such a daemon death,
-//!   and a restarted daemon knows no pids of the previous one, so it cannot
-//!   clean them up. Under systemd the service's cgroup is killed as a whole.
+//!   started itself (the rest of its group) outlives such a daemon death.
+//!   For those, the child records its group in the state directory before
+//!   it execs the program, and the next daemon started there kills what is
+//!   left of recorded groups before it runs any job (`kinds::exec_groups`).
+//!   Under systemd the service's cgroup is killed as a whole anyway.
 //! - Timeout: the job's `timeout_ms` if the submission set one, else
 //!   `timeout_secs` from `[exec]` (or the command kind's own).
 
@@ -55,6 +57,8 @@ use std::time::{Duration, Instant};
 use jobd_actors::{JobContext, KindOptions, RuntimeBuilder};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+
+use super::exec_groups::{self, PendingRecord, Recorder};
 
 /// Name under which the general exec kind is registered.
 pub const EXEC_KIND: &str = "exec";
@@ -368,9 +372,20 @@ struct Pipe<T> {
 /// `stop()` turns true (poll every few ms) or the deadline passes. When the
 /// program exits by itself, what is left in its group is killed as well, so
 /// no process of the job survives it. Blocks the calling (pool) thread.
+/// The group is on record (`kinds::exec_groups`) while it runs, when the
+/// daemon set a recorder up at start-up.
 pub(crate) fn run_child(
     spec: &ChildSpec,
     stop: &dyn Fn() -> bool,
+) -> Result<ChildOutput, RunError> {
+    run_child_recorded(spec, stop, exec_groups::recorder())
+}
+
+/// `run_child` with the recorder to use (`None`: no record).
+fn run_child_recorded(
+    spec: &ChildSpec,
+    stop: &dyn Fn() -> bool,
+    recorder: Option<&Recorder>,
 ) -> Result<ChildOutput, RunError> {
     let mut cmd = Command::new(&spec.program);
     if let Some((name, rest)) = spec.argv.split_first() {
@@ -396,21 +411,48 @@ pub(crate) fn run_child(
     // the fork copies the daemon's page tables, which costs about 5 ms per
     // 100 MiB of its anonymous memory (measured on 2 cores; jobd idles at
     // ~1 MiB, where the difference is lost in the noise).
+    // The child writes its group's record itself, after the fork and before
+    // exec: so the record exists before the program can start anything.
+    let record = recorder.map(Recorder::prepare);
+    let in_child = record.clone();
     // SAFETY: the closure runs in the forked child before exec, where only
     // async-signal-safe calls are allowed: `die_with_daemon` makes two
-    // system calls and allocates nothing.
+    // system calls, `write_in_child` a few (open, read, write, close,
+    // getpid) on stack buffers; neither allocates.
     #[allow(unsafe_code)]
     unsafe {
-        cmd.pre_exec(move || die_with_daemon(daemon_pid));
+        cmd.pre_exec(move || {
+            die_with_daemon(daemon_pid)?;
+            match &in_child {
+                Some(r) => r.write_in_child(),
+                None => Ok(()),
+            }
+        });
     }
     let started = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| RunError::Spawn(format!("cannot run {}: {e}", spec.program.display())))?;
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let program = spec.program.display();
+            let msg = match (&record, recorder) {
+                (Some(r), Some(rec)) if !r.is_complete() => format!(
+                    "cannot run {program}: recording its process group in {} failed: {e}",
+                    rec.dir().display()
+                ),
+                _ => format!("cannot run {program}: {e}"),
+            };
+            // std reaped the child: its group is gone, and so goes its record.
+            if let Some(r) = &record {
+                r.remove();
+            }
+            return Err(RunError::Spawn(msg));
+        }
+    };
     // The child is the leader of a new group whose id is its pid.
     let pid = child.id() as libc::pid_t;
-    // Whatever happens below, the group must not outlive this call.
-    let group = GroupGuard { pgid: pid };
+    // Whatever happens below, the group must not outlive this call, nor
+    // its record the group.
+    let group = GroupGuard { pgid: pid, record };
 
     let mut stdin = child.stdin.take().map(|f| Pipe {
         file: f,
@@ -581,9 +623,13 @@ fn drain<R: Read>(p: &mut Pipe<R>, buf: &mut CappedBuf, chunk: &mut [u8]) {
 }
 
 /// Kills the process group on `kill()` and again when dropped (also on a
-/// panic or an early return), so no member outlives `run_child`.
+/// panic or an early return), so no member outlives `run_child`; then
+/// removes the group's record.
 struct GroupGuard {
+    /// The group: the child's pid.
     pgid: libc::pid_t,
+    /// Its record, removed once the group is killed.
+    record: Option<PendingRecord>,
 }
 
 impl GroupGuard {
@@ -595,6 +641,11 @@ impl GroupGuard {
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         kill_group(self.pgid);
+        // Every member now has SIGKILL pending (and cannot fork): the
+        // group is as good as gone, so is the need for its record.
+        if let Some(r) = self.record.take() {
+            r.remove();
+        }
     }
 }
 
@@ -854,6 +905,40 @@ mod tests {
         }
         let e = cmd.output().unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ESRCH), "{e}");
+    }
+
+    #[test]
+    fn a_running_childs_group_is_on_record_until_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = dir.path().join(exec_groups::GROUPS_DIR);
+        let recorder = exec_groups::test_recorder(&groups);
+        // The program prints its pid (= its group) and the records there
+        // are while it runs.
+        let script = format!("echo $$; cat {}/*", groups.display());
+        let out = run_child_recorded(&spec(&["/bin/sh", "-c", &script]), &never, Some(&recorder))
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (pid, record) = text.split_once('\n').unwrap();
+        assert!(record.starts_with("jobd exec group 1\n"), "{text}");
+        assert!(record.contains(&format!("\ngroup {pid} ")), "{text}");
+        assert_eq!(std::fs::read_dir(&groups).unwrap().count(), 0);
+
+        // A program that cannot start leaves no record behind.
+        let e = run_child_recorded(&spec(&["/no/such/program"]), &never, Some(&recorder));
+        assert!(matches!(e, Err(RunError::Spawn(ref m)) if m.contains("/no/such/program")));
+        assert_eq!(std::fs::read_dir(&groups).unwrap().count(), 0);
+
+        // No record, no program.
+        std::fs::remove_dir(&groups).unwrap();
+        let mark = dir.path().join("ran");
+        let script = format!("touch {}", mark.display());
+        let e = run_child_recorded(&spec(&["/bin/sh", "-c", &script]), &never, Some(&recorder))
+            .unwrap_err();
+        assert!(
+            matches!(e, RunError::Spawn(ref m) if m.contains("recording its process group")),
+            "{e:?}"
+        );
+        assert!(!mark.exists());
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Job kinds the daemon registers: the built-ins (`echo`, `sleep`), the
 //! `exec` kind (off unless configured) and the operator's command kinds from
-//! `[kinds.NAME]` tables.
+//! `[kinds.NAME]` tables; `exec_groups` records the process groups of
+//! running exec children and reaps what a killed daemon left of them.
 
 pub mod builtin;
 pub mod command;
 pub mod exec;
+pub mod exec_groups;
 
 use jobd_actors::RuntimeBuilder;
 
