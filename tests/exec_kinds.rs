@@ -1,7 +1,8 @@
 //! End-to-end tests of the `exec` kind and config-defined command kinds
 //! against the real `jobd`: off by default, the allow-list, the cleared
 //! environment, output caps, non-zero exits, and that a timeout or a cancel
-//! kills the job's whole process group (a backgrounded grandchild too).
+//! kills the job's whole process group (a backgrounded grandchild too), and
+//! that what a SIGKILLed daemon left of a group dies when jobd restarts.
 //! Command kinds: placeholder substitution, injection attempts staying one
 //! literal argument, stdin payloads, retries, start-up validation.
 
@@ -519,4 +520,102 @@ fn exec_children_keep_running_when_their_pool_is_resized_down() {
         .unwrap();
     assert_eq!(r["job"]["state"], "succeeded", "{r}");
     assert_eq!(r["job"]["result"]["stdout"], "done\n", "{r}");
+}
+
+/// Start time (field 22 of /proc/PID/stat) of a live, non-zombie `pid`.
+fn live_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    if f.first().is_some_and(|s| *s == "Z" || *s == "X") {
+        return None;
+    }
+    f.get(19)?.parse().ok()
+}
+
+/// Kills a test's leftover process when the test fails half-way, but only
+/// while `pid` still names the process it was made for.
+struct Leftover {
+    pid: i32,
+    start: Option<u64>,
+}
+
+impl Drop for Leftover {
+    fn drop(&mut self) {
+        if self.start.is_some() && live_start_time(self.pid) == self.start {
+            // SAFETY: kill(2) on the process this test started (same pid
+            // and start time).
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Poll (at most 5 s) until `pid` is gone or a zombie; false if it lives.
+fn dies_within_5s(pid: i32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while live_start_time(pid).is_some() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+#[test]
+fn a_restarted_daemon_kills_what_a_killed_one_left_of_its_exec_jobs() {
+    let mut d = Daemon::start_with(EXEC_CONFIG, &[]);
+    let mut c = d.client();
+    let pidfile = d.dir.path().join("grandchild");
+    let script = format!(
+        "/bin/sleep 300 & echo $! > {0}.tmp && mv {0}.tmp {0}; wait",
+        pidfile.display()
+    );
+    let r = c
+        .request(json!({"op": "submit", "job": {"kind": "exec",
+            "payload": {"argv": ["/bin/sh", "-c", script]}}}))
+        .unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    let grandchild = read_pid_file(&pidfile);
+    let _cleanup = Leftover {
+        pid: grandchild,
+        start: live_start_time(grandchild),
+    };
+    // While the job runs, its group is on record in the state directory.
+    let records = d.state_dir.join("exec-groups");
+    assert_eq!(std::fs::read_dir(&records).unwrap().count(), 1);
+
+    // The daemon dies without a drain; the kernel kills the shell it
+    // started (the leader of the job's group), not the shell's own child.
+    drop(c);
+    common::signal(&d.child, libc::SIGKILL);
+    let _ = d.child.wait();
+    let shell = std::fs::read_to_string(format!("/proc/{grandchild}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(2)?
+                .parse::<i32>()
+                .ok()
+        })
+        .expect("the grandchild's group");
+    assert!(dies_within_5s(shell), "the job's shell outlived jobd");
+    assert!(
+        live_start_time(grandchild).is_some(),
+        "the grandchild died with jobd: nothing left to reap"
+    );
+
+    // The next daemon on the same state directory kills it before it
+    // accepts connections.
+    d.restart(&[]);
+    assert!(
+        dies_within_5s(grandchild),
+        "the grandchild {grandchild} outlived the restart"
+    );
+    assert_eq!(std::fs::read_dir(&records).unwrap().count(), 0);
 }
