@@ -546,11 +546,14 @@ fn run_child_recorded(
             stdin = None;
         }
     }
+    // The group was killed when the leader's exit was seen, while the
+    // leader was still unreaped: it is done, and no kill may follow the
+    // reaping below (the number could then name another group).
+    group.release();
     let status = child
         .wait()
         .map_err(|e| RunError::Io(format!("cannot wait for the program: {e}")))?;
     let duration = started.elapsed();
-    drop(group);
     if stopped {
         return Err(RunError::Stopped);
     }
@@ -622,9 +625,9 @@ fn drain<R: Read>(p: &mut Pipe<R>, buf: &mut CappedBuf, chunk: &mut [u8]) {
     }
 }
 
-/// Kills the process group on `kill()` and again when dropped (also on a
-/// panic or an early return), so no member outlives `run_child`; then
-/// removes the group's record.
+/// Kills the process group on `kill()` and again when dropped unless
+/// released (so also on a panic or an early return), so no member outlives
+/// `run_child`; then removes the group's record.
 struct GroupGuard {
     /// The group: the child's pid.
     pgid: libc::pid_t,
@@ -635,6 +638,16 @@ struct GroupGuard {
 impl GroupGuard {
     fn kill(&self) {
         kill_group(self.pgid);
+    }
+
+    /// The group has been killed for good: remove its record and signal
+    /// nothing more.
+    fn release(mut self) {
+        if let Some(r) = self.record.take() {
+            r.remove();
+        }
+        // Drop then finds no group to kill (`kill_group` ignores ids <= 1).
+        self.pgid = 0;
     }
 }
 
