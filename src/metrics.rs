@@ -442,35 +442,35 @@ impl Endpoint {
         let turns = Arc::new(Semaphore::new(MAX_SCRAPES));
         tracing::info!("metrics endpoint: GET /metrics on {}", self.addr);
         match self.listener {
-            Listener::Tcp(l) => {
-                let l = match tokio::net::TcpListener::from_std(l) {
-                    Ok(l) => l,
-                    Err(e) => return tracing::error!("metrics endpoint: {e}"),
-                };
-                loop {
-                    match l.accept().await {
-                        Ok((s, _)) => spawn_answer(s, &handle, &turns),
-                        Err(e) => accept_failed(e).await,
-                    }
-                }
-            }
-            Listener::Unix(l, _file) => {
-                let l = match tokio::net::UnixListener::from_std(l) {
-                    Ok(l) => l,
-                    Err(e) => return tracing::error!("metrics endpoint: {e}"),
-                };
-                loop {
-                    match l.accept().await {
-                        Ok((s, _)) => spawn_answer(s, &handle, &turns),
-                        Err(e) => accept_failed(e).await,
-                    }
-                }
-            }
+            Listener::Tcp(l) => match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => accept_loop(|| l.accept(), &handle, &turns).await,
+                Err(e) => tracing::error!("metrics endpoint: {e}"),
+            },
+            Listener::Unix(l, _file) => match tokio::net::UnixListener::from_std(l) {
+                Ok(l) => accept_loop(|| l.accept(), &handle, &turns).await,
+                Err(e) => tracing::error!("metrics endpoint: {e}"),
+            },
         }
     }
 }
 
-/// Back off after a failed accept (EMFILE and friends) instead of spinning.
+/// Accept connections for ever, answering each in a task of its own.
+async fn accept_loop<S, A, F>(
+    mut accept: impl FnMut() -> F,
+    handle: &Handle,
+    turns: &Arc<Semaphore>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+    F: std::future::Future<Output = std::io::Result<(S, A)>>,
+{
+    loop {
+        match accept().await {
+            Ok((s, _)) => spawn_answer(s, handle, turns),
+            Err(e) => accept_failed(e).await,
+        }
+    }
+}
+
 async fn accept_failed(e: std::io::Error) {
     tracing::warn!("metrics endpoint: accept failed: {e}");
     tokio::time::sleep(Duration::from_millis(100)).await;

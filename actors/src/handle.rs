@@ -183,11 +183,13 @@ impl Handle {
         self.recv(&rx, timeout, None)
     }
 
-    /// An async request/response with the Dispatcher.
-    async fn query_async<T: Send + 'static>(
-        &self,
-        make: impl FnOnce(Reply<T>) -> Query,
-    ) -> Result<T, JobError> {
+    /// Send the Dispatcher a message carrying an async reply, and await it.
+    async fn ask_async<T, M>(&self, make: impl FnOnce(Reply<T>) -> M) -> Result<T, JobError>
+    where
+        T: Send + 'static,
+        M: Message<Result = ()> + Send + 'static,
+        Dispatcher: Handler<M>,
+    {
         let (tx, rx) = oneshot::channel();
         self.inner.dispatcher.do_send(make(Reply::future(tx)));
         self.recv_async(rx).await
@@ -384,15 +386,15 @@ impl Handle {
 
     /// Async `submit_spec`.
     pub async fn submit_async(&self, spec: JobSpec) -> Result<SubmitAck, JobError> {
-        let (tx, rx) = oneshot::channel();
-        self.inner.dispatcher.do_send(Submit {
-            id: self.alloc_id(),
+        let id = self.alloc_id();
+        self.ask_async(|r| Submit {
+            id,
             spec,
-            ack: Some(Reply::future(tx)),
+            ack: Some(r),
             direct: None,
             waiter: None,
-        });
-        self.recv_async(rx).await?
+        })
+        .await?
     }
 
     /// Submit a job and await its outcome, as `call_async` does: the worker
@@ -423,13 +425,8 @@ impl Handle {
         &self,
         specs: Vec<JobSpec>,
     ) -> Result<Vec<SubmitAck>, JobError> {
-        let (tx, rx) = oneshot::channel();
         let jobs = specs.into_iter().map(|s| (self.alloc_id(), s)).collect();
-        self.inner.dispatcher.do_send(SubmitBatch {
-            jobs,
-            reply: Reply::future(tx),
-        });
-        self.recv_async(rx).await?
+        self.ask_async(|reply| SubmitBatch { jobs, reply }).await?
     }
 
     /// Submit several jobs, all or nothing (blocking).
@@ -447,13 +444,12 @@ impl Handle {
     /// Async `wait_record` without a limit: resolves once the job is
     /// final. Dropping the future withdraws the wait.
     pub async fn wait_async(&self, id: JobId) -> Result<JobRecord, JobError> {
-        let (tx, rx) = oneshot::channel();
-        self.inner.dispatcher.do_send(Wait {
+        self.ask_async(|reply| Wait {
             id,
-            reply: Reply::future(tx),
+            reply,
             timeout: None,
-        });
-        self.recv_async(rx).await?
+        })
+        .await?
     }
 
     /// Async `wait_record`: the record once the job is final, or
@@ -466,13 +462,12 @@ impl Handle {
         id: JobId,
         timeout: Duration,
     ) -> Result<JobRecord, JobError> {
-        let (tx, rx) = oneshot::channel();
-        self.inner.dispatcher.do_send(Wait {
+        self.ask_async(|reply| Wait {
             id,
-            reply: Reply::future(tx),
+            reply,
             timeout: Some(timeout),
-        });
-        self.recv_async(rx).await?
+        })
+        .await?
     }
 
     /// Submit a job and wait for it, in one trip to the Dispatcher: first
@@ -509,44 +504,43 @@ impl Handle {
                 "wait_any needs at least one id".into(),
             ));
         }
-        let (tx, rx) = oneshot::channel();
-        self.inner.dispatcher.do_send(WaitAny {
+        self.ask_async(|reply| WaitAny {
             ids,
-            reply: Reply::future(tx),
+            reply,
             timeout: None,
-        });
-        self.recv_async(rx).await?
+        })
+        .await?
     }
 
     /// Async `cancel`.
     pub async fn cancel_async(&self, id: JobId) -> Result<JobRecord, JobError> {
-        self.query_async(|r| Query::Cancel(id, r)).await?
+        self.ask_async(|r| Query::Cancel(id, r)).await?
     }
 
     /// Async `status`.
     pub async fn status_async(&self, id: JobId) -> Result<JobRecord, JobError> {
-        self.query_async(|r| Query::Status(id, r)).await?
+        self.ask_async(|r| Query::Status(id, r)).await?
     }
 
     /// Async `retry`.
     pub async fn retry_async(&self, id: JobId) -> Result<JobRecord, JobError> {
-        self.query_async(|r| Query::Retry(id, r)).await?
+        self.ask_async(|r| Query::Retry(id, r)).await?
     }
 
     /// Async `stats`.
     pub async fn stats_async(&self) -> Result<StatsSnapshot, JobError> {
-        self.query_async(Query::Stats).await
+        self.ask_async(Query::Stats).await
     }
 
     /// Async `list`.
     pub async fn list_async(&self, q: ListQuery) -> Result<ListPage, JobError> {
-        self.query_async(|r| Query::List(q, r)).await
+        self.ask_async(|r| Query::List(q, r)).await
     }
 
     /// Async pause (`true`) or resume (`false`).
     pub async fn set_paused_async(&self, pool: &str, paused: bool) -> Result<(), JobError> {
         let pool = pool.to_string();
-        self.query_async(|r| Query::Pause(pool, paused, r)).await?
+        self.ask_async(|r| Query::Pause(pool, paused, r)).await?
     }
 
     /// How many waiters an active job has (0 for any other job).
@@ -564,13 +558,13 @@ impl Handle {
         max_queued: usize,
     ) -> Result<(), JobError> {
         let pool = pool.to_string();
-        self.query_async(|r| Query::Resize(pool, threads, max_queued, r))
+        self.ask_async(|r| Query::Resize(pool, threads, max_queued, r))
             .await?
     }
 
     /// Async `add_pool`.
     pub async fn add_pool_async(&self, cfg: PoolConfig) -> Result<(), JobError> {
-        self.query_async(|r| Query::AddPool(cfg, r)).await?
+        self.ask_async(|r| Query::AddPool(cfg, r)).await?
     }
 
     /// Start the shutdown drain; resolves when the System is stopping.

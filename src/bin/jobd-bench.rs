@@ -182,26 +182,22 @@ fn main() -> Result<()> {
             f.print(args.json);
             return Ok(());
         }
-        Mode::Submit | Mode::Cycle => {
-            let line = load::submit_line(&args.kind, args.payload_bytes, args.mode == Mode::Cycle);
+        Mode::Submit | Mode::Cycle | Mode::Echo => {
+            // The echo client sends the cycle's lines to the echo server.
+            let wait = args.mode != Mode::Submit;
+            let expect = if args.mode == Mode::Echo {
+                load::Expect::Echo
+            } else {
+                load::Expect::Jobd
+            };
+            let line = load::submit_line(&args.kind, args.payload_bytes, wait);
             load::run(
                 &args.socket()?,
                 args.connections,
                 args.depth,
                 args.limit(),
                 &line,
-                load::Expect::Jobd,
-            )?
-        }
-        Mode::Echo => {
-            let line = load::submit_line(&args.kind, args.payload_bytes, true);
-            load::run(
-                &args.socket()?,
-                args.connections,
-                args.depth,
-                args.limit(),
-                &line,
-                load::Expect::Echo,
+                expect,
             )?
         }
         Mode::Beanstalkd => beanstalk::run(&beanstalk::Setup {
