@@ -154,9 +154,6 @@ fn log_outcomes(dir: &Path, outcomes: &[(String, Outcome)]) {
     if !outcomes.is_empty() {
         tracing::info!(
             dir = %dir.display(),
-            killed,
-            ended = dropped,
-            kept,
             "exec process groups of a previous jobd: {killed} killed, {dropped} already \
              ended (or their ids reused), {kept} kept"
         );
@@ -165,7 +162,7 @@ fn log_outcomes(dir: &Path, outcomes: &[(String, Outcome)]) {
 
 /// The fields of `/proc/PID/stat` the records need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ProcStat {
+struct ProcStat {
     /// State letter (`R`, `S`, `Z`, …).
     state: u8,
     /// Process group id.
