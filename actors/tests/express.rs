@@ -281,3 +281,65 @@ fn shutdown_waits_for_express_jobs_and_joins_every_worker() {
     assert_eq!(got, [0, 1]);
     common::assert_threads_named("jobd-xp-", 0);
 }
+
+#[test]
+fn calls_racing_pauses_and_queued_jobs_all_get_their_own_answers() {
+    // Express calls, calls through the Dispatcher, queued priority jobs and
+    // pause/resume all at once: every call gets its own answer, and once
+    // all is done the books balance (no job lost, none counted twice, every
+    // credit back).
+    let rt = Runtime::builder()
+        .pool("mix", 2)
+        .handler("inc", "mix", |_ctx, n: u64| {
+            if n.is_multiple_of(5) {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Ok::<u64, String>(n + 1)
+        })
+        .start()
+        .unwrap();
+    let h = rt.handle();
+    const CALLERS: u64 = 6;
+    const CALLS: u64 = 300;
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|t| {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                for i in 0..CALLS {
+                    let n = t * 10_000 + i;
+                    let got: u64 = h.call("inc", &n, LONG).unwrap();
+                    assert_eq!(got, n + 1);
+                }
+            })
+        })
+        .collect();
+    let mut submitted = Vec::new();
+    let mut paused = false;
+    while !callers.iter().all(|c| c.is_finished()) {
+        paused = !paused;
+        h.set_paused("mix", paused).unwrap();
+        let id = h
+            .submit("inc", &7u64, JobOptions::default().priority(3))
+            .unwrap();
+        submitted.push(id);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    h.set_paused("mix", false).unwrap();
+    for c in callers {
+        c.join().unwrap();
+    }
+    for id in &submitted {
+        let v: u64 = h.wait(*id, LONG).unwrap();
+        assert_eq!(v, 8);
+    }
+    let total = CALLERS * CALLS + submitted.len() as u64;
+    assert!(common::eventually(LONG, || {
+        let p = &h.stats().unwrap().pools["mix"];
+        (p.running, p.queued, p.idle, p.busy) == (0, 0, 2, 0)
+    }));
+    let p = &h.stats().unwrap().pools["mix"];
+    assert_eq!(p.counters.submitted, total);
+    assert_eq!(p.counters.started, total);
+    assert_eq!(p.counters.succeeded, total);
+    rt.shutdown(LONG).unwrap();
+}
