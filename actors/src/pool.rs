@@ -162,7 +162,7 @@ struct Slot {
 }
 
 /// What a worker does after an attempt.
-pub(crate) enum After {
+enum After {
     /// Run this offered job next (the worker stays busy).
     Next(RunJob),
     /// Nothing offered: the worker's credit is back, it waits for a job.
