@@ -34,8 +34,7 @@
 //!   Dispatcher (a `Wake` message) only when someone waits for the report:
 //!   jobs wait for a worker, a waiter or a dependent job waits for this
 //!   one, the attempt failed or was interrupted, the job taken next has a
-//!   timeout to arm, a store wants the result committed soon, the runtime
-//!   is shutting down, or the inbox grew long. Otherwise the Dispatcher
+//!   timeout to arm, the runtime is shutting down, or the inbox grew long. Otherwise the Dispatcher
 //!   reads the inbox first thing the next time it runs (at the latest
 //!   within a second), before it answers anything. A `call` answered
 //!   directly by its worker thus wakes the Dispatcher once at most.
@@ -185,8 +184,8 @@ pub(crate) struct PoolLink {
     /// Jobs of this pool wait in the Dispatcher's queue: a worker that goes
     /// idle must wake the Dispatcher at once.
     starving: AtomicBool,
-    /// Every report wakes the Dispatcher: the runtime is shutting down, or
-    /// a store wants finished jobs committed soon.
+    /// Every report wakes the Dispatcher: the runtime is shutting down (or
+    /// the link was retired).
     eager: AtomicBool,
 }
 

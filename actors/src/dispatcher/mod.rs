@@ -233,11 +233,11 @@ impl Dispatcher {
 
     /// Persist through this store, resuming from what it held.
     pub(crate) fn set_store(&mut self, link: StoreLink, recovered: Recovered) {
-        // Finished jobs should reach the store soon, not at the next
-        // message: every report wakes the Dispatcher.
-        for p in &self.pools {
-            p.link.set_eager();
-        }
+        // Reports of finished jobs do not wake the Dispatcher for the store:
+        // it reads them at its next turn, which under load comes with the
+        // next commit, and idle within a second (the inbox tick). A job
+        // whose end was not committed yet when the process died runs again
+        // (at-least-once, as for any running job).
         self.store = Some(link);
         self.recovered = Some(recovered);
     }

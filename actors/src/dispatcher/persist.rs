@@ -400,6 +400,10 @@ impl Handler<Committed> for Dispatcher {
                     tracing::warn!("store writes succeed again");
                 }
                 store.committed += msg.batch.len() as u64;
+                // Keep the store busy: what piled up during this commit goes
+                // out now, before the admissions are settled (their jobs'
+                // next changes join the batch after).
+                self.flush();
                 for a in admissions {
                     match a {
                         Admission::One { id, ack, answer } => {
@@ -416,13 +420,9 @@ impl Handler<Committed> for Dispatcher {
                         }
                     }
                 }
-                if self
-                    .store
-                    .as_ref()
-                    .is_some_and(|s| !s.pending.is_empty() || !s.admissions.is_empty())
-                {
-                    self.flush();
-                }
+                // If nothing was pending above, what the admissions queued
+                // goes out now.
+                self.flush();
             }
             Err(e) => {
                 if store.failing.is_none() {

@@ -36,9 +36,6 @@ impl Dispatcher {
                 ..self.pools[i].cfg.clone()
             };
             let link = Arc::new(PoolLink::new(threads));
-            if self.store.is_some() {
-                link.set_eager();
-            }
             let addr = start_pool(&cfg, i, ctx.address(), self.threads.clone(), link.clone())
                 .map_err(JobError::Internal)?;
             self.revoke_offers(i, ctx);
@@ -110,9 +107,6 @@ impl Dispatcher {
         }
         let i = self.pools.len();
         let mut state = PoolState::new(cfg);
-        if self.store.is_some() {
-            state.link.set_eager();
-        }
         let addr = start_pool(
             &state.cfg,
             i,

@@ -117,13 +117,19 @@ impl Message for Commit {
 pub(crate) struct StoreActor {
     store: Box<dyn Store>,
     dispatcher: Addr<Dispatcher>,
-    /// Store size, refreshed after each commit, read by `stats`.
+    /// Store size, refreshed after a commit (at most every
+    /// `SIZE_REFRESH`), read by `stats`.
     size: Arc<AtomicU64>,
+    /// When `size` was last refreshed.
+    size_at: Option<std::time::Instant>,
     /// True when a commit failed and none has succeeded since.
     failing: Arc<AtomicBool>,
     /// Keeps the live-thread count up while the store thread exists.
     _guard: crate::pool::ThreadGuard,
 }
+
+/// How stale the store size in `stats` may be.
+const SIZE_REFRESH: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Actor for StoreActor {
     type Context = SyncContext<Self>;
@@ -135,8 +141,13 @@ impl Handler<Commit> for StoreActor {
     fn handle(&mut self, msg: Commit, _: &mut SyncContext<Self>) {
         let result = self.store.commit(&msg.batch);
         self.failing.store(result.is_err(), Ordering::Relaxed);
-        if let Some(n) = self.store.size_bytes() {
+        // Measuring costs two queries and a stat: under load, at most a few
+        // times a second, not after every one of thousands of commits.
+        if self.size_at.is_none_or(|t| t.elapsed() >= SIZE_REFRESH)
+            && let Some(n) = self.store.size_bytes()
+        {
             self.size.store(n, Ordering::Relaxed);
+            self.size_at = Some(std::time::Instant::now());
         }
         self.dispatcher.do_send(Committed {
             seq: msg.seq,
@@ -186,6 +197,7 @@ pub(crate) fn start_store(
                 store,
                 dispatcher: dispatcher.clone(),
                 size: size.clone(),
+                size_at: None,
                 failing: failing.clone(),
                 _guard: threads.guard(),
             }

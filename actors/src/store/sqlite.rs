@@ -36,6 +36,9 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX jobs_unfinished ON jobs(id) WHERE finished_at IS NULL;
      CREATE INDEX jobs_finished_at ON jobs(finished_at) WHERE finished_at IS NOT NULL;
      CREATE TABLE pools (name TEXT PRIMARY KEY, paused INTEGER NOT NULL);",
+    // 2: no index of unfinished jobs. Only start-up recovery reads them (one
+    // scan), while every job's admission and ending had to update it.
+    "DROP INDEX IF EXISTS jobs_unfinished;",
 ];
 
 /// A SQLite file holding jobs.
@@ -191,8 +194,11 @@ impl Store for SqliteStore {
         {
             let mut put = tx
                 .prepare_cached(
-                    "INSERT OR REPLACE INTO jobs (id, state, kind, pool, finished_at, record)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO jobs (id, state, kind, pool, finished_at, record)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (id) DO UPDATE SET state = excluded.state,
+                       pool = excluded.pool, finished_at = excluded.finished_at,
+                       record = excluded.record",
                 )
                 .map_err(|e| err(&path, "cannot write", e))?;
             for change in batch {
