@@ -98,6 +98,37 @@ fn restart_keeps_queued_order_priorities_delayed_jobs_and_results() {
 /// Submit continuously from several connections, SIGKILL the daemon at
 /// random moments, restart it, and check that every acknowledged job is
 /// still there and reaches a final state, with attempts that never overlap.
+#[test]
+fn a_waiting_submit_is_answered_only_once_its_end_is_committed() {
+    // With a store, a submit that waits is acknowledged by its outcome
+    // alone: the job runs at once, and the answer waits until the job's
+    // final record is committed. So every job answered before a crash is
+    // found finished, with its result, after the restart.
+    let args = ["--durability", "os"];
+    let mut d = Daemon::start_with(WORK_POOL, &args);
+    let mut c = d.client();
+    let mut answered = Vec::new();
+    for i in 0..40 {
+        let r = c
+            .request(json!({"op": "submit", "wait": true,
+                "job": {"kind": "echo", "payload": {"n": i}, "pool": "work"}}))
+            .unwrap();
+        assert_eq!(ok(&r)["state"], json!("succeeded"), "{r}");
+        answered.push((r["job"].as_str().expect("job id").to_string(), i));
+    }
+    let mut c = d.crash_and_restart(c, &args);
+    for (id, i) in answered {
+        let rec = status(&mut c, &id);
+        assert_eq!(
+            rec["state"],
+            json!("succeeded"),
+            "{id} after the crash: {rec}"
+        );
+        assert_eq!(rec["result"], json!({"n": i}), "{rec}");
+        assert_eq!(rec["attempt"], json!(1), "{rec}");
+    }
+}
+
 fn kill_cycles(cycles: usize) {
     let mut d = Daemon::start_with(
         "[pools.default]\nthreads = 2\nmax_queued = 1000000\n",

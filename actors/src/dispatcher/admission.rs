@@ -131,7 +131,7 @@ impl Dispatcher {
         self.pools[pool].counters.submitted += 1;
         self.kind_totals(&job.rec.kind, pool).counters.submitted += 1;
         // With a store, the job waits for its commit before it may run.
-        job.held = self.store.is_some();
+        job.held = self.store.is_some() && !job.answer_on_commit;
         let held = job.held;
         if job.deps_left > 0 || delayed {
             self.pools[pool].delayed += 1;

@@ -117,14 +117,21 @@ impl Dispatcher {
         // Invariant: admission checked the kind exists.
         let kind = self.registry.kinds.get(&*job.rec.kind)?;
         let attempt = job.rec.attempt + 1;
+        // A job that answers on commit keeps its reply: the Dispatcher
+        // answers it, once the final record is committed.
+        let direct = if job.answer_on_commit {
+            None
+        } else {
+            job.direct.take()
+        };
         let shared = Arc::new(AttemptShared::new(
             id,
             attempt,
             attempt >= job.rec.max_attempts,
             job.rec.timeout_ms.map(Duration::from_millis),
-            job.direct.take(),
+            direct,
         ));
-        if !job.waiters.is_empty() || self.dependents.contains_key(&id) {
+        if !job.waiters.is_empty() || job.answer_on_commit || self.dependents.contains_key(&id) {
             shared.request_notify();
         }
         job.attempt = Some(shared.clone());

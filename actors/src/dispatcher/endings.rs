@@ -129,7 +129,13 @@ impl Dispatcher {
                 }
             }
             if let Some(d) = job.direct.take() {
-                d.send(outcome_of(&job.rec));
+                let outcome = outcome_of(&job.rec);
+                if job.answer_on_commit && self.store.is_some() {
+                    // Joins the batch that carries the final record below.
+                    self.after_commit(Admission::Outcome { reply: d, outcome }, ctx);
+                } else {
+                    d.send(outcome);
+                }
             }
             for w in job.waiters.take() {
                 w.send(Ok(job.rec.clone()), ctx);

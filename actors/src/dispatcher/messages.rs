@@ -155,6 +155,20 @@ impl Dispatcher {
         }
         match self.check(id, spec) {
             Ok((mut job, delayed)) => {
+                // A submitter that only waits for the outcome (`call`, a
+                // waiting socket submit) is acknowledged by that outcome
+                // alone. With a store, such a plain job need not wait for its
+                // insert to commit before it runs: its outcome is held until
+                // its final record commits instead. A crash before that loses
+                // a job nobody was told of (its submitter sees the runtime
+                // gone), and its submission and ending are written once.
+                job.answer_on_commit = self.store.is_some()
+                    && direct.is_some()
+                    && ack.is_none()
+                    && waiter.is_none()
+                    && !delayed
+                    && job.deps_left == 0
+                    && job.rec.unique_key.is_none();
                 job.direct.set(direct);
                 if let Some(w) = waiter {
                     job.waiters.push(Waiter {
@@ -163,8 +177,11 @@ impl Dispatcher {
                         timer: None,
                     });
                 }
+                let early = job.answer_on_commit;
                 let answer = self.admit(job, delayed, ctx);
-                if self.store.is_some() {
+                if early {
+                    // Nothing to acknowledge or release on this commit.
+                } else if self.store.is_some() {
                     let id = answer.id;
                     self.after_commit(Admission::One { id, ack, answer }, ctx);
                 } else if let Some(a) = ack {

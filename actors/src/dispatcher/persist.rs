@@ -21,13 +21,15 @@ impl Dispatcher {
         let Some(store) = &mut self.store else {
             return;
         };
-        let Some(rec) = self
-            .active
-            .get(&id)
-            .map(|a| &a.rec)
-            .or_else(|| self.finished.get(&id))
-        else {
-            return;
+        let rec = match self.active.get(&id) {
+            // Written once, when it ends (see `Active::answer_on_commit`):
+            // until then nobody was told of it.
+            Some(a) if a.answer_on_commit => return,
+            Some(a) => &a.rec,
+            None => match self.finished.get(&id) {
+                Some(r) => r,
+                None => return,
+            },
         };
         let change = Change::Put(Box::new(rec.clone()));
         match store.slot.get(&id) {
@@ -418,6 +420,7 @@ impl Handler<Committed> for Dispatcher {
                             }
                             reply.send(Ok(answer));
                         }
+                        Admission::Outcome { reply, outcome } => reply.send(outcome),
                     }
                 }
                 // If nothing was pending above, what the admissions queued
@@ -445,6 +448,12 @@ impl Handler<Committed> for Dispatcher {
                         }
                         Admission::Batch { ids, reply, .. } => {
                             refused.extend(ids.iter().copied());
+                            reply.send(Err(JobError::Unavailable(e.0.clone())));
+                        }
+                        // The job ended, but its ending could not be made
+                        // durable: the submitter hears so (the record is
+                        // written again later).
+                        Admission::Outcome { reply, .. } => {
                             reply.send(Err(JobError::Unavailable(e.0.clone())));
                         }
                     }

@@ -198,8 +198,12 @@ impl IntoIterator for Waiters {
 pub(super) struct Direct(Option<Box<DirectReply>>);
 
 impl Direct {
+    /// Keep `d` when there is one (an attempt gives back a reply it held;
+    /// one it never held leaves the job's own in place).
     pub(super) fn set(&mut self, d: Option<DirectReply>) {
-        self.0 = d.map(Box::new);
+        if let Some(d) = d {
+            self.0 = Some(Box::new(d));
+        }
     }
 
     pub(super) fn take(&mut self) -> Option<DirectReply> {
@@ -255,6 +259,11 @@ pub(super) struct Active {
     pub(super) deps_left: u32,
     /// Admitted but not yet committed to the store: it may not run yet.
     pub(super) held: bool,
+    /// Its submitter waits for the outcome, which is also its only
+    /// acknowledgement: with a store the job runs at once, without waiting
+    /// for its insert to commit, and the outcome is sent once the job's
+    /// final record has committed (see `Dispatcher::submit`).
+    pub(super) answer_on_commit: bool,
 }
 
 impl Active {
@@ -272,6 +281,7 @@ impl Active {
             waiters: Waiters::default(),
             deps_left: 0,
             held: false,
+            answer_on_commit: false,
         })
     }
 }
@@ -333,5 +343,11 @@ pub(super) enum Admission {
         ids: Vec<JobId>,
         reply: Reply<Result<Vec<SubmitAck>, JobError>>,
         answer: Vec<SubmitAck>,
+    },
+    /// The outcome of a job that answers on commit, sent once its final
+    /// record is committed.
+    Outcome {
+        reply: DirectReply,
+        outcome: Outcome,
     },
 }
