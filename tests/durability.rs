@@ -148,6 +148,10 @@ fn kill_cycles(cycles: usize) {
                         return;
                     };
                     let mut n = 0u64;
+                    // One producer waits for each outcome: its jobs run
+                    // before they are written, and an answer must mean a
+                    // committed ending.
+                    let waiting = p == 2;
                     while !stop.load(Ordering::Relaxed) {
                         let job = if n.is_multiple_of(3) {
                             json!({"kind": "sleep", "payload": {"ms": 2}, "max_attempts": 5,
@@ -155,7 +159,7 @@ fn kill_cycles(cycles: usize) {
                         } else {
                             json!({"kind": "echo", "payload": [cycle, p, n]})
                         };
-                        match c.request(json!({"op": "submit", "job": job})) {
+                        match c.request(json!({"op": "submit", "job": job, "wait": waiting})) {
                             Ok(r) if r["ok"] == json!(true) => {
                                 acked
                                     .lock()
