@@ -661,76 +661,90 @@ fn put_u64(buf: &mut [u8], len: &mut usize, mut v: u64) -> bool {
 /// number of bytes read.
 fn read_self_stat(buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: the path is a NUL-terminated literal; read(2) writes into the
-    // unfilled part of `buf` only, whose pointer and length describe it;
-    // the descriptor is ours and closed once.
+    // unfilled part of `buf` only, whose pointer and length describe it.
     #[allow(unsafe_code)]
-    unsafe {
-        let fd = libc::open(
+    let fd = unsafe {
+        libc::open(
             c"/proc/self/stat".as_ptr(),
             libc::O_RDONLY | libc::O_CLOEXEC,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut n = 0;
+        )
+    };
+    let mut n = 0;
+    let done = with_fd(fd, |fd| {
         while n < buf.len() {
-            let r = libc::read(fd, buf[n..].as_mut_ptr().cast(), buf.len() - n);
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                libc::close(fd);
-                return Err(e);
-            }
+            #[allow(unsafe_code)]
+            let r = retry_eintr(|| unsafe {
+                libc::read(fd, buf[n..].as_mut_ptr().cast(), buf.len() - n)
+            })?;
             if r == 0 {
                 break;
             }
-            n += r as usize;
+            n += r;
         }
-        libc::close(fd);
-        Ok(n)
-    }
+        Ok(())
+    });
+    done.map(|()| n)
 }
 
 /// Create (or truncate) `name` in directory `dir_fd` with mode 0600 and
 /// write `bytes` to it.
 fn write_file_at(dir_fd: i32, name: &CString, bytes: &[u8]) -> io::Result<()> {
     // SAFETY: `name` is NUL-terminated and outlives the call; write(2)
-    // reads only the part of `bytes` its pointer and length describe; the
-    // descriptor is ours and closed once.
+    // reads only the part of `bytes` its pointer and length describe.
     #[allow(unsafe_code)]
-    unsafe {
-        let fd = libc::openat(
+    let fd = unsafe {
+        libc::openat(
             dir_fd,
             name.as_ptr(),
             libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC | libc::O_NOFOLLOW,
             0o600 as libc::c_uint,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        )
+    };
+    with_fd(fd, |fd| {
         let mut done = 0;
         while done < bytes.len() {
-            let r = libc::write(fd, bytes[done..].as_ptr().cast(), bytes.len() - done);
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                libc::close(fd);
-                return Err(e);
-            }
+            #[allow(unsafe_code)]
+            let r = retry_eintr(|| unsafe {
+                libc::write(fd, bytes[done..].as_ptr().cast(), bytes.len() - done)
+            })?;
             if r == 0 {
-                libc::close(fd);
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
-            done += r as usize;
-        }
-        if libc::close(fd) != 0 {
-            return Err(io::Error::last_os_error());
+            done += r;
         }
         Ok(())
+    })
+}
+
+/// Run `f` on a descriptor that `open` returned (`fd < 0`: the error it
+/// set), then close it; a failed close is an error too. Allocates nothing
+/// (it runs in the forked child).
+fn with_fd(fd: i32, f: impl FnOnce(i32) -> io::Result<()>) -> io::Result<()> {
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let done = f(fd);
+    // SAFETY: the descriptor is ours and closed once, here.
+    #[allow(unsafe_code)]
+    let closed = unsafe { libc::close(fd) };
+    match done {
+        Ok(()) if closed != 0 => Err(io::Error::last_os_error()),
+        other => other,
+    }
+}
+
+/// A read(2) or write(2), again while a signal interrupts it; the bytes it
+/// moved.
+fn retry_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        let r = call();
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
     }
 }
 
