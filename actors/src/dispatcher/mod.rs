@@ -15,7 +15,9 @@
 //! retried, finished, cancelled, timed out), `pools` (live pool changes),
 //! `waits` (`wait` and `wait_any`), `shutdown` (the drain),
 //! `queries` (list and stats), `messages` (the other message types and
-//! their handlers) and `persist` (the store side).
+//! their handlers), `persist` (the store side: group commit),
+//! `recovery` (what the store held, back at start) and `store_reads`
+//! (answers that fall back to the store).
 //!
 //! Nothing here blocks: the actor lives on the System arbiter.
 
@@ -48,17 +50,20 @@ mod messages;
 mod persist;
 mod pools;
 mod queries;
+mod recovery;
 mod shutdown;
 mod state;
+mod store_reads;
 mod waits;
 
 pub(crate) use endings::outcome_of;
 pub(crate) use messages::{AttemptDone, Query, Submit, SubmitBatch, Wake};
 pub(crate) use persist::Committed;
-use persist::{ListLoaded, PRUNE_BATCH, RetryLoaded};
+use persist::PRUNE_BATCH;
 pub(crate) use queries::list_records;
 use state::{Active, Admission, IdMap, KindMap, QueueEntry, RecordWaiter, Stamp, Waiter};
 pub(crate) use state::{PoolState, StoreLink};
+use store_reads::{ListLoaded, RetryLoaded};
 pub(crate) use waits::{Wait, WaitAny};
 
 /// How long finished jobs are kept for `status`/`wait`, and how many.
