@@ -9,8 +9,9 @@
 //!
 //! Only plain calls take the lane: no delay, timeout, unique key,
 //! dependencies or other pool, a kind without a default timeout, and a
-//! runtime without a durable store (a job must be committed before it
-//! runs). Everything else goes through the Dispatcher.
+//! runtime without a durable store (with one, a call is answered by the
+//! Dispatcher once the job's ending is committed, not by its worker).
+//! Everything else goes through the Dispatcher.
 //!
 //! Calls that do go through the Dispatcher are filed in its submission
 //! inbox rather than sent as actix messages one by one: only the first

@@ -41,12 +41,7 @@ impl Daemon {
 
     /// Start with the given TOML config text and extra arguments.
     pub fn start_with(config: &str, args: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let state_dir = dir.path().join("state");
-        std::fs::create_dir_all(&state_dir).expect("state dir");
-        let socket = dir.path().join("jobd.sock");
-        let config_path = dir.path().join("jobd.toml");
-        std::fs::write(&config_path, config).expect("write config");
+        let (dir, state_dir, socket, config_path) = layout(config);
         let mut d = Daemon {
             child: spawn_jobd(&config_path, &socket, &state_dir, args),
             socket,
@@ -239,12 +234,7 @@ impl Daemon {
     /// Start with extra environment variables. Ready once `hello` gets any
     /// answer at all (so this also works when the test's uid is refused).
     pub fn start_env(config: &str, env: &[(&str, &str)]) -> Daemon {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let state_dir = dir.path().join("state");
-        std::fs::create_dir_all(&state_dir).expect("state dir");
-        let socket = dir.path().join("jobd.sock");
-        let config_path = dir.path().join("jobd.toml");
-        std::fs::write(&config_path, config).expect("write config");
+        let (dir, state_dir, socket, config_path) = layout(config);
         let mut child = spawn_jobd_env(&config_path, &socket, &state_dir, env, Stdio::inherit());
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -383,4 +373,16 @@ impl Daemon {
         self.restart(args);
         self.client()
     }
+}
+
+/// A temporary directory for one daemon: it, its state directory
+/// (created), its socket path and its config file (written from `config`).
+fn layout(config: &str) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state_dir = dir.path().join("state");
+    std::fs::create_dir_all(&state_dir).expect("state dir");
+    let socket = dir.path().join("jobd.sock");
+    let config_path = dir.path().join("jobd.toml");
+    std::fs::write(&config_path, config).expect("write config");
+    (dir, state_dir, socket, config_path)
 }

@@ -30,9 +30,11 @@ impl Dispatcher {
                 self.revoke_offers(pool, ctx);
             }
         }
+        // The pool's link does not change while we pump.
+        let link = self.pools[pool].link.clone();
         loop {
             let p = &self.pools[pool];
-            if p.paused || (p.offered.len() >= OFFER_DEPTH && p.link.idle() == 0) {
+            if p.paused || (p.offered.len() >= OFFER_DEPTH && link.idle() == 0) {
                 return;
             }
             let Some(id) = self.pop_ready(pool) else {
@@ -45,7 +47,6 @@ impl Dispatcher {
             // worker that goes idle meanwhile refuses the offer (see
             // `PoolLink::offer`): then it gets the job.
             loop {
-                let link = self.pools[pool].link.clone();
                 if link.claim(false) {
                     let started = run.shared.start();
                     link.send(run);
